@@ -1,0 +1,26 @@
+# The one gate, the same locally and in CI (.ci/run calls `make check`).
+.PHONY: check fmt clippy test doc-test build run fixtures
+
+CARGO ?= cargo
+
+check: fmt clippy test doc-test
+
+fmt:
+	$(CARGO) fmt --all -- --check
+
+clippy:
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+test:
+	$(CARGO) nextest run --workspace --locked --no-fail-fast
+
+doc-test:
+	$(CARGO) test --workspace --locked --doc
+
+build:
+	$(CARGO) build --workspace --release --locked
+
+# Regenerates the committed fixtures (needs Python; see scripts/README.md).
+fixtures:
+	python3 scripts/gen_tokenizer_corpus.py
+	python3 scripts/gen_reference.py
