@@ -1,0 +1,1 @@
+//! The llorch gateway (filled in by the gateway issue).

@@ -1,0 +1,53 @@
+//! Configuration of the tokenizer service: one struct, every field a `--flag` with an env
+//! fallback.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How `llorch-tokenizer serve` runs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeConfig {
+    /// Model folder holding `tokenizer.json` (or `vocab.json` + `merges.txt`).
+    #[arg(long, env = "LLORCH_MODEL", default_value = "models/default")]
+    pub model: PathBuf,
+    /// Address to bind.
+    #[arg(long, env = "LLORCH_TOKENIZER_HOST", default_value = "127.0.0.1")]
+    pub host: IpAddr,
+    /// Port to bind; 0 picks a free one (the bound address is logged).
+    #[arg(long, env = "LLORCH_TOKENIZER_PORT", default_value_t = 50051)]
+    pub port: u16,
+    #[command(flatten)]
+    pub limits: Limits,
+    /// Seconds that open streams get to finish after SIGTERM/SIGINT.
+    #[arg(long, env = "LLORCH_TOKENIZER_GRACE_SECS", default_value_t = 10.0)]
+    pub grace_secs: f64,
+}
+
+impl ServeConfig {
+    /// The drain deadline.
+    pub fn grace(&self) -> Duration {
+        Duration::from_secs_f64(self.grace_secs.max(0.0))
+    }
+}
+
+/// Request size limits. Anything over them is refused with `INVALID_ARGUMENT` (or, for whole
+/// messages over `max_message_bytes`, by tonic with `OUT_OF_RANGE`) and the server keeps serving.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct Limits {
+    /// Longest text `Encode` accepts, in UTF-8 bytes.
+    #[arg(long, env = "LLORCH_TOKENIZER_MAX_TEXT_BYTES", default_value_t = 1 << 20)]
+    pub max_text_bytes: usize,
+    /// Most ids one `Decode` request or one `DecodeStream` message may carry.
+    #[arg(long, env = "LLORCH_TOKENIZER_MAX_IDS", default_value_t = 1 << 18)]
+    pub max_ids: usize,
+    /// Largest gRPC message accepted, in bytes.
+    #[arg(long, env = "LLORCH_TOKENIZER_MAX_MESSAGE_BYTES", default_value_t = 4 << 20)]
+    pub max_message_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_text_bytes: 1 << 20, max_ids: 1 << 18, max_message_bytes: 4 << 20 }
+    }
+}

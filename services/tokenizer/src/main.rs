@@ -1,0 +1,103 @@
+//! `llorch-tokenizer`: serve the tokenizer over gRPC, or encode/decode once from the shell.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use llorch_common::logging::{self, LogArgs};
+use llorch_tokenizer::{BpeTokenizer, ServeConfig, server};
+
+/// GPT-2 byte-level BPE tokenizer service.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(flatten)]
+    log: LogArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve `llorch.tokenizer.v1.Tokenizer` (plus health and reflection) over gRPC.
+    Serve(ServeConfig),
+    /// Print the ids of TEXT as `{"ids":[...]}`.
+    Encode {
+        /// Model folder with the tokenizer files.
+        #[arg(long, env = "LLORCH_MODEL", default_value = "models/default")]
+        model: PathBuf,
+        /// The text to tokenize.
+        text: String,
+    },
+    /// Print the text of comma-separated IDS as `{"text":"..."}`.
+    Decode {
+        /// Model folder with the tokenizer files.
+        #[arg(long, env = "LLORCH_MODEL", default_value = "models/default")]
+        model: PathBuf,
+        /// Token ids, comma-separated (e.g. `15496,11,995,0`).
+        #[arg(value_delimiter = ',')]
+        ids: Vec<u32>,
+    },
+    /// Measure encode throughput on one thread and print JSON.
+    Bench {
+        /// Model folder with the tokenizer files.
+        #[arg(long, env = "LLORCH_MODEL", default_value = "models/default")]
+        model: PathBuf,
+        /// UTF-8 text file to encode (default: a built-in mix of prose, code and Unicode).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Encode the input in pieces of about this many bytes (as a server sees prompts).
+        #[arg(long, default_value_t = 4096)]
+        chunk_bytes: usize,
+        /// Minimum measuring time in seconds.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    logging::init(&cli.log)?;
+    match cli.command {
+        Command::Serve(config) => {
+            let addr = SocketAddr::new(config.host, config.port);
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot bind {addr}"))?;
+            server::run(config, listener, llorch_common::shutdown::signal()).await
+        }
+        Command::Encode { model, text } => {
+            let tok = BpeTokenizer::from_dir(&model)?;
+            let ids = tok.encode(&text, false)?;
+            println!("{}", serde_json::json!({ "ids": ids }));
+            Ok(())
+        }
+        Command::Bench { model, file, chunk_bytes, seconds } => {
+            let tok = BpeTokenizer::from_dir(&model)?;
+            let text = match file {
+                Some(path) => std::fs::read_to_string(&path)
+                    .with_context(|| format!("cannot read {}", path.display()))?,
+                None => BENCH_TEXT.repeat(64),
+            };
+            let report =
+                llorch_tokenizer::bench::encode_throughput(&tok, &text, chunk_bytes, seconds)?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
+        Command::Decode { model, ids } => {
+            let tok = BpeTokenizer::from_dir(&model)?;
+            let text = tok.decode(&ids, false)?;
+            println!("{}", serde_json::json!({ "text": text }));
+            Ok(())
+        }
+    }
+}
+
+/// Default benchmark input: English prose, code, numbers and several scripts.
+const BENCH_TEXT: &str = "The quick brown fox jumps over the lazy dog. It wasn't the first time \
+the dog had been jumped over, and it wouldn't be the last; in 2024 alone, 1,234,567 foxes did it. \
+fn main() { let x: Vec<u32> = (0..10).map(|i| i * 2).collect(); println!(\"{x:?}\"); }\n\
+Les élèves ont étudié la théorie. Москва — столица России. 東京は日本の首都です。 \
+مرحبا بالعالم. שלום עולם. नमस्ते दुनिया। 👩‍👩‍👧‍👦 🏳️‍🌈 café naïve résumé\n";

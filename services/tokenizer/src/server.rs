@@ -1,0 +1,238 @@
+//! The `llorch.tokenizer.v1.Tokenizer` gRPC service and [`run`], which serves it (with health
+//! and reflection) on a listener until shutdown.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use futures::{Stream, StreamExt};
+use llorch_proto::tokenizer::v1 as pb;
+use llorch_proto::tokenizer::v1::tokenizer_server::{Tokenizer, TokenizerServer};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use llorch_common::grpc::Health;
+use llorch_common::shutdown::{DrainSignal, drain_with_deadline};
+
+use crate::bpe::BpeTokenizer;
+use crate::config::{Limits, ServeConfig};
+use crate::error::TokenizerError;
+use crate::incremental::IncrementalDecoder;
+
+/// Replies buffered per `DecodeStream` before the server waits for the client to read.
+const STREAM_BUFFER: usize = 16;
+
+/// The gRPC handlers. The tokenizer is set once loading finishes; until then every call is
+/// `UNAVAILABLE`.
+#[derive(Debug, Clone)]
+pub struct TokenizerService {
+    tokenizer: Arc<OnceLock<Arc<BpeTokenizer>>>,
+    limits: Limits,
+}
+
+impl TokenizerService {
+    /// A service over an already loaded tokenizer.
+    pub fn new(tokenizer: Arc<BpeTokenizer>, limits: Limits) -> Self {
+        let cell = OnceLock::new();
+        let _ = cell.set(tokenizer);
+        Self { tokenizer: Arc::new(cell), limits }
+    }
+
+    fn loading(limits: Limits) -> Self {
+        Self { tokenizer: Arc::new(OnceLock::new()), limits }
+    }
+
+    fn tokenizer(&self) -> Result<Arc<BpeTokenizer>, Status> {
+        self.tokenizer.get().cloned().ok_or_else(|| Status::unavailable("tokenizer is loading"))
+    }
+
+    fn check_id_count(&self, len: usize) -> Result<(), TokenizerError> {
+        if len > self.limits.max_ids {
+            return Err(TokenizerError::TooManyIds { len, limit: self.limits.max_ids });
+        }
+        Ok(())
+    }
+}
+
+/// Runs CPU work off the async worker threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, TokenizerError> + Send + 'static,
+) -> Result<T, Status> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(res) => res.map_err(Status::from),
+        Err(err) => {
+            tracing::error!(error = %err, "tokenizer task failed");
+            Err(Status::internal("internal tokenizer error"))
+        }
+    }
+}
+
+type DecodeStreamOut = Pin<Box<dyn Stream<Item = Result<pb::DecodeStreamResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Tokenizer for TokenizerService {
+    #[tracing::instrument(skip_all, fields(text_bytes = request.get_ref().text.len(), ids))]
+    async fn encode(
+        &self,
+        request: Request<pb::EncodeRequest>,
+    ) -> Result<Response<pb::EncodeResponse>, Status> {
+        let pb::EncodeRequest { text, add_special_tokens } = request.into_inner();
+        if text.len() > self.limits.max_text_bytes {
+            let err =
+                TokenizerError::TextTooLong { len: text.len(), limit: self.limits.max_text_bytes };
+            return Err(err.into());
+        }
+        let tok = self.tokenizer()?;
+        let ids = blocking(move || tok.encode(&text, add_special_tokens)).await?;
+        tracing::Span::current().record("ids", ids.len());
+        Ok(Response::new(pb::EncodeResponse { ids }))
+    }
+
+    #[tracing::instrument(skip_all, fields(ids = request.get_ref().ids.len()))]
+    async fn decode(
+        &self,
+        request: Request<pb::DecodeRequest>,
+    ) -> Result<Response<pb::DecodeResponse>, Status> {
+        let pb::DecodeRequest { ids, skip_special_tokens } = request.into_inner();
+        self.check_id_count(ids.len())?;
+        let tok = self.tokenizer()?;
+        let text = blocking(move || tok.decode(&ids, skip_special_tokens)).await?;
+        Ok(Response::new(pb::DecodeResponse { text }))
+    }
+
+    type DecodeStreamStream = DecodeStreamOut;
+
+    #[tracing::instrument(skip_all)]
+    async fn decode_stream(
+        &self,
+        request: Request<Streaming<pb::DecodeStreamRequest>>,
+    ) -> Result<Response<Self::DecodeStreamStream>, Status> {
+        let tok = self.tokenizer()?;
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let service = self.clone();
+        tokio::spawn(
+            decode_stream_task(service, tok, inbound, tx).instrument(tracing::Span::current()),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn info(
+        &self,
+        _request: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::InfoResponse>, Status> {
+        let tok = self.tokenizer()?;
+        Ok(Response::new(pb::InfoResponse {
+            vocab_size: tok.vocab_size(),
+            eos_token_id: tok.eos_token_id(),
+            model_max_length: tok.model_max_length(),
+        }))
+    }
+}
+
+/// Reads id messages, answers each with the text that became complete, flushes on half-close.
+/// Ends on the first bad message (with its error), or quietly when the client goes away.
+async fn decode_stream_task(
+    service: TokenizerService,
+    tok: Arc<BpeTokenizer>,
+    mut inbound: Streaming<pb::DecodeStreamRequest>,
+    tx: mpsc::Sender<Result<pb::DecodeStreamResponse, Status>>,
+) {
+    let mut decoder: Option<IncrementalDecoder> = None;
+    let mut messages = 0u64;
+    loop {
+        let msg = match inbound.next().await {
+            Some(Ok(msg)) => msg,
+            Some(Err(status)) => {
+                tracing::debug!(%status, "decode stream ended by the client");
+                return;
+            }
+            None => break,
+        };
+        messages += 1;
+        let state =
+            decoder.take().unwrap_or_else(|| IncrementalDecoder::new(msg.skip_special_tokens));
+        if let Err(err) = service.check_id_count(msg.ids.len()) {
+            let _ = tx.send(Err(err.into())).await;
+            return;
+        }
+        let tok = Arc::clone(&tok);
+        let step = blocking(move || {
+            let mut state = state;
+            let text = state.push(&tok, &msg.ids)?;
+            Ok((state, text))
+        })
+        .await;
+        match step {
+            Ok((state, text)) => {
+                decoder = Some(state);
+                if tx.send(Ok(pb::DecodeStreamResponse { text })).await.is_err() {
+                    return; // The client went away.
+                }
+            }
+            Err(status) => {
+                let _ = tx.send(Err(status)).await;
+                return;
+            }
+        }
+    }
+    // Half-close: release what is still held back, as one last reply.
+    let Some(mut state) = decoder else { return };
+    let flushed = blocking(move || state.flush(&tok)).await;
+    let reply = flushed.map(|text| pb::DecodeStreamResponse { text });
+    let _ = tx.send(reply).await;
+    tracing::debug!(messages, "decode stream finished");
+}
+
+/// Serves the tokenizer on `listener` until `shutdown` resolves, then drains for
+/// [`ServeConfig::grace`]. Health is NOT_SERVING until the tokenizer has loaded; a load error
+/// stops the server and is returned.
+pub async fn run(
+    config: ServeConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    let (health, health_server) = Health::new(llorch_proto::TOKENIZER_SERVICE).await;
+    let service = TokenizerService::loading(config.limits);
+    let max_message = config.limits.max_message_bytes;
+    let tokenizer_server = TokenizerServer::new(service.clone())
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+
+    let drain = DrainSignal::new();
+    let server = tonic::transport::Server::builder()
+        .add_service(health_server)
+        .add_service(llorch_common::grpc::reflection()?)
+        .add_service(tokenizer_server)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain.started());
+    let server = async {
+        drain_with_deadline(server, drain.started(), config.grace()).await?;
+        anyhow::Ok(())
+    };
+    tracing::info!(%addr, model = %config.model.display(), "tokenizer service listening");
+
+    let lifecycle = async {
+        let started = Instant::now();
+        let model = config.model.clone();
+        let tok = tokio::task::spawn_blocking(move || BpeTokenizer::from_dir(&model)).await??;
+        tracing::info!(
+            vocab_size = tok.vocab_size(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "tokenizer loaded"
+        );
+        let _ = service.tokenizer.set(Arc::new(tok));
+        health.ready().await;
+        shutdown.await;
+        health.draining().await;
+        drain.start();
+        anyhow::Ok(())
+    };
+    tokio::try_join!(lifecycle, server)?;
+    tracing::info!("tokenizer service stopped");
+    Ok(())
+}

@@ -1,0 +1,174 @@
+//! The tokenizer service over a real socket: every RPC, health, reflection, and bad input.
+
+use futures::StreamExt;
+use llorch_e2e::{Service, start_tokenizer};
+use llorch_proto::tokenizer::v1::tokenizer_client::TokenizerClient;
+use llorch_proto::tokenizer::v1::{DecodeRequest, DecodeStreamRequest, EncodeRequest, InfoRequest};
+use tonic::Code;
+use tonic::transport::Channel;
+
+async fn started(
+    tweak: impl FnOnce(&mut llorch_tokenizer::ServeConfig),
+) -> (Service, TokenizerClient<Channel>) {
+    let svc = start_tokenizer(tweak).await.unwrap();
+    svc.wait_serving(llorch_proto::TOKENIZER_SERVICE).await.unwrap();
+    let client = TokenizerClient::new(svc.channel());
+    (svc, client)
+}
+
+async fn encode(
+    client: &mut TokenizerClient<Channel>,
+    text: &str,
+) -> Result<Vec<u32>, tonic::Status> {
+    let req = EncodeRequest { text: text.to_owned(), add_special_tokens: false };
+    Ok(client.encode(req).await?.into_inner().ids)
+}
+
+/// Runs a DecodeStream with one message per chunk and returns the replies.
+async fn decode_stream(
+    client: &mut TokenizerClient<Channel>,
+    chunks: Vec<Vec<u32>>,
+) -> Result<Vec<String>, tonic::Status> {
+    let reqs =
+        chunks.into_iter().map(|ids| DecodeStreamRequest { ids, skip_special_tokens: false });
+    let mut replies = client.decode_stream(futures::stream::iter(reqs)).await?.into_inner();
+    let mut out = Vec::new();
+    while let Some(reply) = replies.next().await {
+        out.push(reply?.text);
+    }
+    Ok(out)
+}
+
+#[tokio::test]
+async fn encode_decode_and_info_over_a_real_socket() {
+    let (svc, mut client) = started(|_| {}).await;
+    assert_eq!(encode(&mut client, "Hello, world!").await.unwrap(), [15496, 11, 995, 0]);
+    let text = client
+        .decode(DecodeRequest { ids: vec![15496, 11, 995, 0, 50256], skip_special_tokens: true })
+        .await
+        .unwrap()
+        .into_inner()
+        .text;
+    assert_eq!(text, "Hello, world!");
+    let info = client.info(InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!((info.vocab_size, info.eos_token_id, info.model_max_length), (50257, 50256, 1024));
+    svc.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn decode_stream_answers_each_message_and_flushes_on_half_close() {
+    let (svc, mut client) = started(|_| {}).await;
+    let text = "naïve café → 日本語 👩‍👩‍👧 done";
+    let ids = encode(&mut client, text).await.unwrap();
+    let chunks: Vec<Vec<u32>> = ids.iter().map(|&id| vec![id]).collect();
+    let n = chunks.len();
+    let replies = decode_stream(&mut client, chunks).await.unwrap();
+    assert_eq!(replies.len(), n + 1, "one reply per message plus the flush");
+    assert_eq!(replies.concat(), text);
+    assert!(replies.iter().all(|r| !r.contains('\u{FFFD}')));
+    // Chunked differently, same text.
+    let chunks: Vec<Vec<u32>> = ids.chunks(3).map(<[u32]>::to_vec).collect();
+    assert_eq!(decode_stream(&mut client, chunks).await.unwrap().concat(), text);
+    svc.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn health_and_reflection_list_the_service() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let (svc, _client) = started(|_| {}).await;
+    svc.wait_serving("").await.unwrap();
+    let mut reflection = ServerReflectionClient::new(svc.channel());
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut resp =
+        reflection.server_reflection_info(futures::stream::iter([req])).await.unwrap().into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        resp.next().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected a service list");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(names.contains(&llorch_proto::TOKENIZER_SERVICE.to_owned()), "{names:?}");
+    assert!(names.contains(&llorch_proto::ENGINE_SERVICE.to_owned()), "{names:?}");
+    svc.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_input_gets_clear_errors_and_the_server_keeps_serving() {
+    let (svc, mut client) = started(|c| {
+        c.limits.max_text_bytes = 1000;
+        c.limits.max_ids = 100;
+        c.limits.max_message_bytes = 64 * 1024;
+    })
+    .await;
+
+    // An id outside the vocabulary, named.
+    let err = client
+        .decode(DecodeRequest { ids: vec![15496, 50257, 7], skip_special_tokens: false })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("token id 50257 at position 1"), "{}", err.message());
+    assert_eq!(encode(&mut client, "still here").await.unwrap().len(), 2);
+
+    // u32::MAX is just another bad id.
+    let err = client
+        .decode(DecodeRequest { ids: vec![u32::MAX], skip_special_tokens: false })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    // Text over the limit.
+    let err = encode(&mut client, &"a".repeat(1001)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("limit is 1000 bytes"), "{}", err.message());
+
+    // Too many ids, in Decode and in one DecodeStream message.
+    let err = client
+        .decode(DecodeRequest { ids: vec![11; 101], skip_special_tokens: false })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("limit is 100 ids"), "{}", err.message());
+    let err = decode_stream(&mut client, vec![vec![11], vec![11; 101]]).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    // A bad id in the middle of a stream ends it with the error.
+    let err = decode_stream(&mut client, vec![vec![15496], vec![99_999]]).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("99999"), "{}", err.message());
+
+    // A message over the gRPC size limit is refused by the transport.
+    let err = encode(&mut client, &"b".repeat(100 * 1024)).await.unwrap_err();
+    assert!(matches!(err.code(), Code::OutOfRange | Code::ResourceExhausted), "{err:?}");
+
+    // Hostile but valid: control characters, lone special token, empty input.
+    assert_eq!(encode(&mut client, "").await.unwrap(), Vec::<u32>::new());
+    assert_eq!(encode(&mut client, "<|endoftext|>").await.unwrap(), [50256]);
+    assert!(!encode(&mut client, "\u{0}\u{1b}[2J\u{7f}").await.unwrap().is_empty());
+    assert_eq!(decode_stream(&mut client, vec![vec![]]).await.unwrap().concat(), "");
+
+    assert_eq!(encode(&mut client, "Hello, world!").await.unwrap(), [15496, 11, 995, 0]);
+    svc.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_missing_model_folder_stops_the_server_with_an_error() {
+    let svc = start_tokenizer(|c| c.model = "/nonexistent/model".into()).await.unwrap();
+    let err = svc.join().await.unwrap_err();
+    assert!(err.to_string().contains("no tokenizer in /nonexistent/model"), "{err}");
+}
+
+#[tokio::test]
+async fn shutdown_sets_not_serving_and_returns() {
+    let (svc, mut client) = started(|_| {}).await;
+    assert!(encode(&mut client, "x").await.is_ok());
+    svc.stop().await.unwrap();
+    assert!(encode(&mut client, "x").await.is_err(), "the stopped server still answers");
+}
