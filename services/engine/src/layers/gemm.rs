@@ -1,0 +1,413 @@
+//! Batch-invariant small-batch matrix products, for decode steps (a few rows at a time).
+//!
+//! Why not OpenBLAS here: `sgemm` packs the whole weight matrix on every call, and for a few
+//! rows the packing costs more than the product. Measured on the 2-core CI machine, gpt2-small's
+//! 48 block matrices: 4 rows by `sgemm` 59 ms per step against 16 ms for one row by `sgemv`
+//! (examples are in docs/PERFORMANCE.md). These kernels stream each weight once for all rows.
+//!
+//! Why a fixed accumulation order: each output element is `acc = fma(x[k], w[k], acc)` over
+//! `k` in order (then the bias), whatever the number of rows, the tile that computes it or the
+//! thread that runs it. So a sequence decoded in a batch gets bitwise the logits it gets alone,
+//! and batching never changes a client's tokens.
+//!
+//! Shapes: `x: (B, K)`, row-major; `kn` takes Conv1D weights `w: (K, N)` (`[in, out]`), `nk`
+//! takes the tied head `w: (N, K)` (`wte`, `[vocab, C]`). Outputs are `(B, N)` row-major.
+
+use std::ops::Range;
+
+/// Rows up to which the engine uses these kernels instead of `sgemm`.
+pub const SMALL_M: usize = 32;
+
+/// Columns per parallel task (a multiple of every tile width).
+const CHUNK_ALIGN: usize = 64;
+
+/// A matrix product of the small-batch kind.
+#[derive(Debug, Clone, Copy)]
+pub struct Gemm<'a> {
+    /// `x: (B, K)` row-major.
+    pub x: &'a [f32],
+    /// The weights.
+    pub w: &'a [f32],
+    /// `(N)` added at the end, or none.
+    pub bias: Option<&'a [f32]>,
+    /// Rows.
+    pub b: usize,
+    /// Inner dimension.
+    pub k: usize,
+    /// Output columns.
+    pub n: usize,
+}
+
+/// Which layout `w` has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// `w: (K, N)`.
+    KN,
+    /// `w: (N, K)`.
+    NK,
+}
+
+/// Raw output pointer shared by tasks that write disjoint column ranges.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint column ranges of the output (see `run`).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// `out: (B, N)` = the product, split by columns over the compute pool.
+pub fn run(g: Gemm<'_>, layout: Layout, out: &mut [f32]) {
+    assert_eq!(g.x.len(), g.b * g.k, "x is (B, K)");
+    assert_eq!(g.w.len(), g.k * g.n, "w has K·N entries");
+    assert_eq!(out.len(), g.b * g.n, "out is (B, N)");
+    if let Some(bias) = g.bias {
+        assert_eq!(bias.len(), g.n, "bias is (N)");
+    }
+    let pool = crate::threads::pool();
+    let tasks = pool.current_num_threads().max(1);
+    let per = g.n.div_ceil(tasks).div_ceil(CHUNK_ALIGN) * CHUNK_ALIGN;
+    let ptr = OutPtr(out.as_mut_ptr());
+    if tasks == 1 || g.n <= CHUNK_ALIGN {
+        // SAFETY: one task over all columns; `out` is (B, N) as asserted.
+        unsafe { columns(g, layout, 0..g.n, ptr) };
+        return;
+    }
+    pool.scope(|s| {
+        for start in (0..g.n).step_by(per) {
+            let cols = start..(start + per).min(g.n);
+            // SAFETY: the column ranges are disjoint and within N; `out` outlives the scope.
+            s.spawn(move |_| unsafe { columns(g, layout, cols, ptr) });
+        }
+    });
+}
+
+/// Computes output columns `cols` for every row.
+///
+/// # Safety
+/// `out` points to a `(B, N)` row-major buffer and no other thread writes columns `cols`.
+unsafe fn columns(g: Gemm<'_>, layout: Layout, cols: Range<usize>, out: OutPtr) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the features were detected; the caller upholds the output contract.
+        unsafe {
+            match layout {
+                Layout::KN => avx2::kn(g, cols, out.0),
+                Layout::NK => avx2::nk(g, cols, out.0),
+            }
+        }
+        return;
+    }
+    for col in cols {
+        for row in 0..g.b {
+            let v = match layout {
+                Layout::KN => dot_kn(g, row, col),
+                Layout::NK => dot_nk(g, row, col),
+            };
+            // SAFETY: row < B, col < N; the column is this task's.
+            unsafe { *out.0.add(row * g.n + col) = v };
+        }
+    }
+}
+
+/// One element, `w: (K, N)`, in the canonical order (used for tails and as the portable path).
+#[inline]
+fn dot_kn(g: Gemm<'_>, row: usize, col: usize) -> f32 {
+    let x = &g.x[row * g.k..(row + 1) * g.k];
+    let mut acc = 0.0f32;
+    for (kk, &xv) in x.iter().enumerate() {
+        acc = xv.mul_add(g.w[kk * g.n + col], acc);
+    }
+    acc + g.bias.map_or(0.0, |b| b[col])
+}
+
+/// One element, `w: (N, K)`: eight lane sums over `k` in order, reduced by [`hsum8`], then the
+/// `K mod 8` tail in order — the same arithmetic as the vector kernel.
+#[inline]
+fn dot_nk(g: Gemm<'_>, row: usize, col: usize) -> f32 {
+    let x = &g.x[row * g.k..(row + 1) * g.k];
+    let w = &g.w[col * g.k..(col + 1) * g.k];
+    let main = g.k - g.k % 8;
+    let mut lanes = [0.0f32; 8];
+    for c in (0..main).step_by(8) {
+        for l in 0..8 {
+            lanes[l] = x[c + l].mul_add(w[c + l], lanes[l]);
+        }
+    }
+    let mut acc = hsum8(lanes);
+    for c in main..g.k {
+        acc = x[c].mul_add(w[c], acc);
+    }
+    acc + g.bias.map_or(0.0, |b| b[col])
+}
+
+/// The fixed reduction tree of eight lanes.
+#[inline]
+fn hsum8(l: [f32; 8]) -> f32 {
+    let q = [l[0] + l[4], l[1] + l[5], l[2] + l[6], l[3] + l[7]];
+    let h = [q[0] + q[2], q[1] + q[3]];
+    h[0] + h[1]
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    //! AVX2 + FMA tiles. Every element is computed with the arithmetic of `dot_kn` / `dot_nk`.
+
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    use super::{Gemm, dot_kn, dot_nk, hsum8};
+
+    /// `w: (K, N)`: tiles of `BB` rows × `8·NV` columns, `k` innermost.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn kn(g: Gemm<'_>, cols: Range<usize>, out: *mut f32) {
+        let mut col = cols.start;
+        let end = cols.end;
+        // SAFETY (whole function): indices stay within x (B·K), w (K·N), bias (N) and the
+        // caller's columns of out (B·N).
+        unsafe {
+            if g.b == 1 {
+                while col + 64 <= end {
+                    tile_kn::<1, 8>(g, 0, col, out);
+                    col += 64;
+                }
+            }
+            while col + 16 <= end {
+                let mut row = 0;
+                while row + 4 <= g.b {
+                    tile_kn::<4, 2>(g, row, col, out);
+                    row += 4;
+                }
+                match g.b - row {
+                    3 => tile_kn::<3, 2>(g, row, col, out),
+                    2 => tile_kn::<2, 2>(g, row, col, out),
+                    1 => tile_kn::<1, 2>(g, row, col, out),
+                    _ => {}
+                }
+                col += 16;
+            }
+            while col + 8 <= end {
+                for row in 0..g.b {
+                    tile_kn::<1, 1>(g, row, col, out);
+                }
+                col += 8;
+            }
+            for c in col..end {
+                for row in 0..g.b {
+                    *out.add(row * g.n + c) = dot_kn(g, row, c);
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn tile_kn<const BB: usize, const NV: usize>(
+        g: Gemm<'_>,
+        row: usize,
+        col: usize,
+        out: *mut f32,
+    ) {
+        // SAFETY: see `kn`.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); NV]; BB];
+            let x = g.x.as_ptr().add(row * g.k);
+            let w = g.w.as_ptr().add(col);
+            for kk in 0..g.k {
+                let wr = w.add(kk * g.n);
+                let mut wv = [_mm256_setzero_ps(); NV];
+                for (v, slot) in wv.iter_mut().enumerate() {
+                    *slot = _mm256_loadu_ps(wr.add(8 * v));
+                }
+                for (b, acc_b) in acc.iter_mut().enumerate() {
+                    let xb = _mm256_broadcast_ss(&*x.add(b * g.k + kk));
+                    for v in 0..NV {
+                        acc_b[v] = _mm256_fmadd_ps(xb, wv[v], acc_b[v]);
+                    }
+                }
+            }
+            for (b, acc_b) in acc.iter().enumerate() {
+                for (v, &a) in acc_b.iter().enumerate() {
+                    let c = col + 8 * v;
+                    let r = match g.bias {
+                        Some(bias) => _mm256_add_ps(a, _mm256_loadu_ps(bias.as_ptr().add(c))),
+                        None => _mm256_add_ps(a, _mm256_setzero_ps()),
+                    };
+                    _mm256_storeu_ps(out.add((row + b) * g.n + c), r);
+                }
+            }
+        }
+    }
+
+    /// `w: (N, K)`: tiles of `BB` rows × `VV` output columns (rows of w), `k` innermost in
+    /// steps of 8.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn nk(g: Gemm<'_>, cols: Range<usize>, out: *mut f32) {
+        let mut col = cols.start;
+        let end = cols.end;
+        // SAFETY: as in `kn`.
+        unsafe {
+            while col + 4 <= end {
+                if g.b == 1 && col + 8 <= end {
+                    tile_nk::<1, 8>(g, 0, col, out);
+                    col += 8;
+                    continue;
+                }
+                let mut row = 0;
+                while row + 2 <= g.b {
+                    tile_nk::<2, 4>(g, row, col, out);
+                    row += 2;
+                }
+                if row < g.b {
+                    tile_nk::<1, 4>(g, row, col, out);
+                }
+                col += 4;
+            }
+            for c in col..end {
+                for row in 0..g.b {
+                    *out.add(row * g.n + c) = dot_nk(g, row, c);
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn tile_nk<const BB: usize, const VV: usize>(
+        g: Gemm<'_>,
+        row: usize,
+        col: usize,
+        out: *mut f32,
+    ) {
+        // SAFETY: see `nk`.
+        unsafe {
+            let main = g.k - g.k % 8;
+            let mut acc = [[_mm256_setzero_ps(); VV]; BB];
+            let x = g.x.as_ptr().add(row * g.k);
+            let w = g.w.as_ptr().add(col * g.k);
+            let mut c = 0;
+            while c < main {
+                let mut wv = [_mm256_setzero_ps(); VV];
+                for (v, slot) in wv.iter_mut().enumerate() {
+                    *slot = _mm256_loadu_ps(w.add(v * g.k + c));
+                }
+                for (b, acc_b) in acc.iter_mut().enumerate() {
+                    let xb = _mm256_loadu_ps(x.add(b * g.k + c));
+                    for v in 0..VV {
+                        acc_b[v] = _mm256_fmadd_ps(xb, wv[v], acc_b[v]);
+                    }
+                }
+                c += 8;
+            }
+            for (b, acc_b) in acc.iter().enumerate() {
+                for (v, &a) in acc_b.iter().enumerate() {
+                    let mut lanes = [0.0f32; 8];
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), a);
+                    let mut s = hsum8(lanes);
+                    let (xr, wr) = (x.add(b * g.k), w.add(v * g.k));
+                    for t in main..g.k {
+                        s = (*xr.add(t)).mul_add(*wr.add(t), s);
+                    }
+                    let cidx = col + v;
+                    *out.add((row + b) * g.n + cidx) = s + g.bias.map_or(0.0, |bias| bias[cidx]);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filled(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    fn product(
+        layout: Layout,
+        x: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        b: usize,
+        k: usize,
+        n: usize,
+    ) -> Vec<f32> {
+        let mut out = vec![0.0; b * n];
+        run(Gemm { x, w, bias, b, k, n }, layout, &mut out);
+        out
+    }
+
+    /// Against f64 loops, and bitwise against the one-element reference of each layout.
+    #[test]
+    fn kernels_match_the_plain_loops_for_every_tile_shape() {
+        for layout in [Layout::KN, Layout::NK] {
+            for (b, k, n) in
+                [(1, 37, 203), (2, 64, 130), (3, 19, 77), (5, 24, 16), (7, 101, 9), (16, 32, 300)]
+            {
+                let (x, w, bias) = (filled(b * k, 1), filled(k * n, 2), filled(n, 3));
+                let got = product(layout, &x, &w, Some(&bias), b, k, n);
+                let g = Gemm { x: &x, w: &w, bias: Some(&bias), b, k, n };
+                for row in 0..b {
+                    for col in 0..n {
+                        let (exact, canonical) = match layout {
+                            Layout::KN => (
+                                (0..k)
+                                    .map(|i| f64::from(x[row * k + i]) * f64::from(w[i * n + col]))
+                                    .sum::<f64>(),
+                                dot_kn(g, row, col),
+                            ),
+                            Layout::NK => (
+                                (0..k)
+                                    .map(|i| f64::from(x[row * k + i]) * f64::from(w[col * k + i]))
+                                    .sum::<f64>(),
+                                dot_nk(g, row, col),
+                            ),
+                        };
+                        let v = got[row * n + col];
+                        assert!(
+                            (f64::from(v) - exact - f64::from(bias[col])).abs() < 1e-5,
+                            "{layout:?} {b}x{k}x{n} at ({row},{col})"
+                        );
+                        assert_eq!(
+                            v.to_bits(),
+                            canonical.to_bits(),
+                            "{layout:?} {b}x{k}x{n} at ({row},{col}): tile differs from the canonical order"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_gets_the_same_bits_alone_and_in_any_batch() {
+        let (k, n) = (96, 1000);
+        let w = filled(k * n, 5);
+        let xs = filled(16 * k, 6);
+        for layout in [Layout::KN, Layout::NK] {
+            let batch = product(layout, &xs, &w, None, 16, k, n);
+            for row in [0, 3, 15] {
+                let alone = product(layout, &xs[row * k..(row + 1) * k], &w, None, 1, k, n);
+                assert_eq!(alone, batch[row * n..(row + 1) * n], "{layout:?} row {row}");
+            }
+            let three = product(layout, &xs[..3 * k], &w, None, 3, k, n);
+            assert_eq!(three, batch[..3 * n], "{layout:?}");
+        }
+    }
+
+    #[test]
+    fn thread_count_does_not_change_the_bits() {
+        let (b, k, n) = (4, 64, 777);
+        let (x, w) = (filled(b * k, 8), filled(k * n, 9));
+        crate::threads::set_threads(1);
+        let one = product(Layout::KN, &x, &w, None, b, k, n);
+        crate::threads::set_threads(2);
+        let two = product(Layout::KN, &x, &w, None, b, k, n);
+        assert_eq!(one, two);
+    }
+}

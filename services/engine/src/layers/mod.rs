@@ -1,0 +1,183 @@
+//! The GPT-2 ops, one function per op, in the order of llm.c's `gpt2_forward`.
+//!
+//! Shape legend:
+//! * `N`  rows in this step: the new tokens of every sequence in the batch, stacked
+//! * `C`  channels (n_embd); `F` MLP width (n_inner, 4·C for GPT-2)
+//! * `NH` heads, `HS` head size (C / NH)
+//! * `V`  vocabulary
+//! * `S`  new tokens of one sequence in this step; `P` its positions so far, new ones included
+//!
+//! Matrix products go through OpenBLAS (`sgemm`, or `sgemv` for a single row) via ndarray's
+//! `blas` feature. Every optimised op has a plain-loop twin in [`naive`] and a test comparing
+//! the two.
+
+pub mod gemm;
+pub mod naive;
+
+use ndarray::linalg::general_mat_mul;
+use ndarray::{ArrayView1, ArrayView2, ArrayViewMut2, Axis, s};
+
+/// `√(2/π)`, the constant of the tanh GELU.
+const GELU_SCALE: f32 = 0.797_884_6;
+
+/// Token plus position embedding: `wte: (V, C)`, `wpe: (n_ctx, C)`, `tokens: N`,
+/// `positions: N` → `out: (N, C)`.
+pub fn encoder(
+    mut out: ArrayViewMut2<'_, f32>,
+    wte: ArrayView2<'_, f32>,
+    wpe: ArrayView2<'_, f32>,
+    tokens: &[u32],
+    positions: &[usize],
+) {
+    for ((mut row, &tok), &pos) in out.rows_mut().into_iter().zip(tokens).zip(positions) {
+        let (t, p) = (wte.row(tok as usize), wpe.row(pos));
+        ndarray::Zip::from(&mut row).and(&t).and(&p).for_each(|o, &a, &b| *o = a + b);
+    }
+}
+
+/// LayerNorm over the last dim with the biased variance (divide by C), as torch:
+/// `x: (N, C), w: (C), b: (C)` → `out: (N, C)`.
+pub fn layernorm(
+    mut out: ArrayViewMut2<'_, f32>,
+    x: ArrayView2<'_, f32>,
+    w: ArrayView1<'_, f32>,
+    b: ArrayView1<'_, f32>,
+    eps: f32,
+) {
+    let (w, b) = (w.as_slice().expect("contiguous"), b.as_slice().expect("contiguous"));
+    for (mut o, xr) in out.rows_mut().into_iter().zip(x.rows()) {
+        let xr = xr.as_slice().expect("rows are contiguous");
+        let o = o.as_slice_mut().expect("rows are contiguous");
+        let c = xr.len() as f32;
+        let mean = xr.iter().sum::<f32>() / c;
+        let var = xr.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / c;
+        let rstd = 1.0 / (var + eps).sqrt();
+        for i in 0..xr.len() {
+            o[i] = (xr[i] - mean) * rstd * w[i] + b[i];
+        }
+    }
+}
+
+/// Conv1D: `x: (N, IN), w: (IN, OUT), b: (OUT)` → `out: (N, OUT) = x·w + b`. Up to
+/// [`gemm::SMALL_M`] rows (decode steps, short prompts) the batch-invariant kernel streams the
+/// weights once for all rows; more rows (prefill chunks) go to OpenBLAS `sgemm`.
+pub fn matmul(
+    mut out: ArrayViewMut2<'_, f32>,
+    x: ArrayView2<'_, f32>,
+    w: ArrayView2<'_, f32>,
+    b: ArrayView1<'_, f32>,
+) {
+    let (n, k) = x.dim();
+    if n <= gemm::SMALL_M {
+        let g = gemm::Gemm {
+            x: x.as_slice().expect("activation rows are contiguous"),
+            w: w.as_slice().expect("weights are contiguous"),
+            bias: Some(b.as_slice().expect("bias is contiguous")),
+            b: n,
+            k,
+            n: w.ncols(),
+        };
+        gemm::run(g, gemm::Layout::KN, out.as_slice_mut().expect("output rows are contiguous"));
+    } else {
+        let dim = out.raw_dim();
+        out.assign(&b.broadcast(dim).expect("bias matches the output width"));
+        general_mat_mul(1.0, &x, &w, 1.0, &mut out);
+    }
+}
+
+/// The LM head: `x: (N, C), wte: (V, C)` → `out: (N, V) = x·wteᵀ` (no bias). Always the
+/// batch-invariant kernel: the logits of a row are bitwise the same whether it is computed
+/// alone, in a decode batch or among all rows of a prompt (checkpoint 9).
+pub fn lm_head(mut out: ArrayViewMut2<'_, f32>, x: ArrayView2<'_, f32>, wte: ArrayView2<'_, f32>) {
+    let (n, c) = x.dim();
+    let g = gemm::Gemm {
+        x: x.as_slice().expect("activation rows are contiguous"),
+        w: wte.as_slice().expect("wte is contiguous"),
+        bias: None,
+        b: n,
+        k: c,
+        n: wte.nrows(),
+    };
+    gemm::run(g, gemm::Layout::NK, out.as_slice_mut().expect("output rows are contiguous"));
+}
+
+/// GPT-2's GELU, the tanh form (`gelu_new`), in place: `x: (N, F)`.
+pub fn gelu(mut x: ArrayViewMut2<'_, f32>) {
+    x.mapv_inplace(gelu_scalar);
+}
+
+/// `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`.
+#[inline]
+pub fn gelu_scalar(x: f32) -> f32 {
+    let cube = 0.044_715 * x * x * x;
+    0.5 * x * (1.0 + (GELU_SCALE * (x + cube)).tanh())
+}
+
+/// Residual connection in place: `x: (N, C) += y: (N, C)`.
+pub fn residual(mut x: ArrayViewMut2<'_, f32>, y: ArrayView2<'_, f32>) {
+    x += &y;
+}
+
+/// Causal self-attention of one sequence for its `S` new rows.
+///
+/// `qkv: (S, 3C)` is this step's `c_attn` output (Q in columns `[0, C)`); `k, v: (P, C)` are the
+/// sequence's cached keys and values, this step's rows already written at `[P-S, P)`.
+/// Scores are `Q·Kᵀ / √HS`, key positions after the query's are masked (−∞), softmax with the
+/// max subtracted, times V → `out: (S, C)`, heads side by side. `scratch` holds at least `S·P`
+/// floats. When `scores_out: (NH·S, P)` is given, the masked scores before softmax are copied
+/// there (checkpoint 4).
+pub fn attention(
+    mut out: ArrayViewMut2<'_, f32>,
+    qkv: ArrayView2<'_, f32>,
+    k: ArrayView2<'_, f32>,
+    v: ArrayView2<'_, f32>,
+    n_head: usize,
+    scratch: &mut [f32],
+    mut scores_out: Option<ArrayViewMut2<'_, f32>>,
+) {
+    let (s_len, p_len) = (qkv.nrows(), k.nrows());
+    let c = k.ncols();
+    let hs = c / n_head;
+    let start = p_len - s_len;
+    let scale = 1.0 / (hs as f32).sqrt();
+    let mut att = ArrayViewMut2::from_shape((s_len, p_len), &mut scratch[..s_len * p_len])
+        .expect("scratch holds S·P floats");
+    for h in 0..n_head {
+        let cols = h * hs..(h + 1) * hs;
+        let q_h = qkv.slice(s![.., cols.clone()]);
+        let k_h = k.slice(s![.., cols.clone()]);
+        let v_h = v.slice(s![.., cols.clone()]);
+        // scores = q·kᵀ·scale
+        general_mat_mul(scale, &q_h, &k_h.t(), 0.0, &mut att);
+        for (i, mut row) in att.axis_iter_mut(Axis(0)).enumerate() {
+            // Query i sits at position start + i; later keys are masked.
+            row.slice_mut(s![start + i + 1..]).fill(f32::NEG_INFINITY);
+        }
+        if let Some(dst) = scores_out.as_mut() {
+            dst.slice_mut(s![h * s_len..(h + 1) * s_len, ..]).assign(&att);
+        }
+        for mut row in att.axis_iter_mut(Axis(0)) {
+            softmax(row.as_slice_mut().expect("contiguous scratch rows"));
+        }
+        let mut out_h = out.slice_mut(s![.., cols]);
+        general_mat_mul(1.0, &att, &v_h, 0.0, &mut out_h);
+    }
+}
+
+/// Softmax in place with the max subtracted; −∞ entries become 0. The sum is accumulated in
+/// f64: over a 50257-entry vocabulary an f32 running sum drifts by ~1e-4.
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f64;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += f64::from(*v);
+    }
+    let inv = (1.0 / sum) as f32;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+#[cfg(test)]
+mod tests;

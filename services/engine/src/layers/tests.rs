@@ -1,0 +1,114 @@
+//! Each optimised op against its plain-loop twin in [`super::naive`].
+
+use ndarray::{Array1, Array2, s};
+
+use super::*;
+
+/// Deterministic pseudo-random values in [-scale, scale).
+fn filled(shape: (usize, usize), seed: u64, scale: f32) -> Array2<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    Array2::from_shape_fn(shape, |_| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+    })
+}
+
+fn max_abs_diff(a: &Array2<f32>, b: &Array2<f32>) -> (f32, usize) {
+    assert_eq!(a.dim(), b.dim());
+    a.iter().zip(b.iter()).enumerate().fold((0.0, 0), |(m, at), (i, (x, y))| {
+        let d = (x - y).abs();
+        if d > m { (d, i) } else { (m, at) }
+    })
+}
+
+#[track_caller]
+fn assert_close(got: &Array2<f32>, want: &Array2<f32>, tol: f32) {
+    let (diff, at) = max_abs_diff(got, want);
+    assert!(diff <= tol, "max abs diff {diff} at flat index {at} (tolerance {tol})");
+}
+
+#[test]
+fn layernorm_matches_the_loop_version() {
+    let x = filled((5, 48), 1, 3.0);
+    let (w, b) =
+        (filled((1, 48), 2, 1.0).row(0).to_owned(), filled((1, 48), 3, 1.0).row(0).to_owned());
+    let mut out = Array2::zeros((5, 48));
+    layernorm(out.view_mut(), x.view(), w.view(), b.view(), 1e-5);
+    assert_close(&out, &naive::layernorm(x.view(), w.view(), b.view(), 1e-5), 1e-5);
+}
+
+#[test]
+fn matmul_matches_the_loop_version_for_one_and_many_rows() {
+    let w = filled((40, 72), 4, 0.5);
+    let b = filled((1, 72), 5, 0.5).row(0).to_owned();
+    for n in [1, 2, 7] {
+        let x = filled((n, 40), 6 + n as u64, 1.0);
+        let mut out = Array2::zeros((n, 72));
+        matmul(out.view_mut(), x.view(), w.view(), b.view());
+        assert_close(&out, &naive::matmul(x.view(), w.view(), Some(b.view())), 1e-5);
+    }
+}
+
+#[test]
+fn lm_head_is_x_times_wte_transposed() {
+    let wte = filled((100, 24), 7, 1.0);
+    for n in [1, 3] {
+        let x = filled((n, 24), 8, 1.0);
+        let mut out = Array2::zeros((n, 100));
+        lm_head(out.view_mut(), x.view(), wte.view());
+        assert_close(&out, &naive::matmul(x.view(), wte.t(), None), 1e-5);
+    }
+}
+
+#[test]
+fn gelu_is_the_tanh_form() {
+    let x = filled((1, 200), 9, 6.0);
+    let mut y = x.clone();
+    gelu(y.view_mut());
+    let want = x.mapv(naive::gelu);
+    assert_close(&y, &want, 1e-6);
+    // Known values of the tanh form; the erf form gives -0.015524 and 0.841345 here, off by
+    // more than the 1e-4 checkpoint tolerance.
+    assert!((gelu_scalar(-2.5) - (-0.015_084_266)).abs() < 1e-6, "{}", gelu_scalar(-2.5));
+    assert!((gelu_scalar(1.0) - 0.841_192).abs() < 1e-6, "{}", gelu_scalar(1.0));
+}
+
+#[test]
+fn attention_matches_the_loop_version_for_prefill_and_decode() {
+    let (c, nh) = (24, 3);
+    for (start, s_len) in [(0, 6), (5, 1), (4, 3)] {
+        let p = start + s_len;
+        let qkv = filled((s_len, 3 * c), 10 + p as u64, 2.0);
+        let k = filled((p, c), 20 + p as u64, 2.0);
+        let v = filled((p, c), 30 + p as u64, 2.0);
+        let mut out = Array2::zeros((s_len, c));
+        let mut scores = Array2::zeros((nh * s_len, p));
+        let mut scratch = vec![0.0; s_len * p];
+        attention(
+            out.view_mut(),
+            qkv.view(),
+            k.view(),
+            v.view(),
+            nh,
+            &mut scratch,
+            Some(scores.view_mut()),
+        );
+        let (want, want_scores) = naive::attention(qkv.slice(s![.., ..c]), k.view(), v.view(), nh);
+        assert_close(&out, &want, 1e-5);
+        let want_scores = want_scores.into_shape_with_order((nh * s_len, p)).unwrap();
+        for (got, want) in scores.iter().zip(want_scores.iter()) {
+            assert!(got == want || (got - want).abs() < 1e-5, "{got} vs {want}");
+        }
+    }
+}
+
+#[test]
+fn softmax_ignores_masked_entries_and_sums_to_one() {
+    let mut x = vec![1.0, f32::NEG_INFINITY, 3.0, -2.0];
+    softmax(&mut x);
+    assert_eq!(x[1], 0.0);
+    assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+    let _ = Array1::<f32>::zeros(1);
+}
