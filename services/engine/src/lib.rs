@@ -1,24 +1,33 @@
-//! The llorch engine: GPT-2 (any size, Hugging Face safetensors) on ndarray + OpenBLAS.
+//! The llorch engine: GPT-2 (any size, Hugging Face safetensors) on ndarray + OpenBLAS, with a
+//! per-sequence KV cache, sampling and a batch-invariant decode path.
+//!
+//! * [`Gpt2`] loads a model folder ([`weights`], [`config`]) and runs [`Gpt2::forward`] over
+//!   any mix of prefill chunks and decode tokens ([`layers`] holds the ops).
+//! * [`validate`] turns a `GenerateRequest` into a [`ValidRequest`]; a [`Sequence`] generates
+//!   for it with its own [`KvCache`] and [`sampling::Sampler`]; [`generate`] runs one alone.
+//! * [`bench`], [`dump`] and [`random`] back the `llorch-engine` subcommands.
 
 // Links the system OpenBLAS that ndarray's `blas` feature calls into.
 extern crate blas_src;
 
+pub mod bench;
 pub mod blas;
 pub mod config;
+pub mod dump;
 pub mod error;
-pub mod layers;
-pub mod weights;
-
-pub use config::{Gpt2Config, ModelConfig};
-pub use error::{EngineError, ErrorKind};
 pub mod kv_cache;
+pub mod layers;
 pub mod model;
 pub mod npy;
+pub mod random;
 pub mod request;
 pub mod sampling;
 pub mod sequence;
 pub mod threads;
+pub mod weights;
 
+pub use config::{Gpt2Config, ModelConfig};
+pub use error::{EngineError, ErrorKind};
 pub use kv_cache::KvCache;
 pub use model::{Gpt2, LogitsFor, Scratch, SeqStep, Trace};
 pub use request::{ValidRequest, validate};

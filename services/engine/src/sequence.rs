@@ -154,11 +154,16 @@ impl Generation {
     }
 }
 
-/// Generates for one request on the calling thread (prefill in one chunk, then one token per
-/// step), calling `on_token` for each token as it is made.
+/// Prompt tokens per prefill step unless configured otherwise. The scheduler and [`generate`]
+/// must cut prompts the same way for a batched stream to equal the same request run alone.
+pub const DEFAULT_PREFILL_CHUNK: usize = 256;
+
+/// Generates for one request on the calling thread (the prompt in chunks of `prefill_chunk`
+/// tokens, then one token per step), calling `on_token` for each token as it is made.
 pub fn generate(
     model: &Gpt2,
     req: ValidRequest,
+    prefill_chunk: usize,
     mut on_token: impl FnMut(&TokenEvent),
 ) -> Result<Generation, EngineError> {
     let cache = model.new_cache(req.prompt.len() + req.stopping.max_new_tokens);
@@ -168,9 +173,12 @@ pub fn generate(
     let started = std::time::Instant::now();
     let mut prefill = None;
     loop {
-        let chunk = seq.prompt_remaining().max(1);
-        let logits =
-            model.forward(&mut [seq.step(chunk)], &mut scratch, LogitsFor::LastOfEach, None)?;
+        let logits = model.forward(
+            &mut [seq.step(prefill_chunk)],
+            &mut scratch,
+            LogitsFor::LastOfEach,
+            None,
+        )?;
         let Some(event) = seq.accept(logits.row(0)) else { continue };
         let prefill_time = *prefill.get_or_insert_with(|| started.elapsed());
         on_token(&event);

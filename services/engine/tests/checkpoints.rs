@@ -242,11 +242,24 @@ fn checkpoint_12_greedy_ids_with_the_kv_cache_match_and_repeat() {
                 logprobs: false,
                 top_logprobs: 0,
             };
-            let first = llorch_engine::generate(&model, req.clone(), |_| {}).unwrap();
+            let first = llorch_engine::generate(
+                &model,
+                req.clone(),
+                llorch_engine::sequence::DEFAULT_PREFILL_CHUNK,
+                |_| {},
+            )
+            .unwrap();
             assert_eq!(first.ids(), r.meta.greedy_24, "{name}/{prompt}");
             for _ in 0..3 {
                 assert_eq!(
-                    llorch_engine::generate(&model, req.clone(), |_| {}).unwrap().ids(),
+                    llorch_engine::generate(
+                        &model,
+                        req.clone(),
+                        llorch_engine::sequence::DEFAULT_PREFILL_CHUNK,
+                        |_| {}
+                    )
+                    .unwrap()
+                    .ids(),
                     first.ids()
                 );
             }

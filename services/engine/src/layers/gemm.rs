@@ -154,84 +154,104 @@ mod avx2 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{Gemm, dot_kn, dot_nk, hsum8};
+    use super::{Gemm, dot_nk, hsum8};
 
-    /// `w: (K, N)`: tiles of `BB` rows × `8·NV` columns, `k` innermost.
+    /// `w: (K, N)`, axpy form: the output rows stay in cache while the weight rows stream
+    /// through once, `KG` rows of `w` at a time, in order. Each element is zeroed, then gets
+    /// `fma(x[k], w[k], acc)` for every `k` in order (stored and reloaded between groups, which
+    /// is exact), then the bias — the arithmetic of `dot_kn`.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn kn(g: Gemm<'_>, cols: Range<usize>, out: *mut f32) {
-        let mut col = cols.start;
-        let end = cols.end;
+        const KG: usize = 4;
+        let vec_end = cols.start + (cols.end - cols.start) / 8 * 8;
         // SAFETY (whole function): indices stay within x (B·K), w (K·N), bias (N) and the
         // caller's columns of out (B·N).
         unsafe {
-            if g.b == 1 {
-                while col + 64 <= end {
-                    tile_kn::<1, 8>(g, 0, col, out);
-                    col += 64;
+            for row in 0..g.b {
+                for c in cols.clone() {
+                    *out.add(row * g.n + c) = 0.0;
                 }
             }
-            while col + 16 <= end {
+            let mut k0 = 0;
+            while k0 + KG <= g.k {
                 let mut row = 0;
-                while row + 4 <= g.b {
-                    tile_kn::<4, 2>(g, row, col, out);
-                    row += 4;
+                while row + 2 <= g.b {
+                    axpy_group::<2, KG>(g, row, k0, cols.start..vec_end, out);
+                    row += 2;
                 }
-                match g.b - row {
-                    3 => tile_kn::<3, 2>(g, row, col, out),
-                    2 => tile_kn::<2, 2>(g, row, col, out),
-                    1 => tile_kn::<1, 2>(g, row, col, out),
-                    _ => {}
+                if row < g.b {
+                    axpy_group::<1, KG>(g, row, k0, cols.start..vec_end, out);
                 }
-                col += 16;
+                k0 += KG;
             }
-            while col + 8 <= end {
+            while k0 < g.k {
                 for row in 0..g.b {
-                    tile_kn::<1, 1>(g, row, col, out);
+                    axpy_group::<1, 1>(g, row, k0, cols.start..vec_end, out);
                 }
-                col += 8;
+                k0 += 1;
             }
-            for c in col..end {
-                for row in 0..g.b {
-                    *out.add(row * g.n + c) = dot_kn(g, row, c);
+            for row in 0..g.b {
+                let x = g.x.as_ptr().add(row * g.k);
+                for c in vec_end..cols.end {
+                    let mut acc = 0.0f32;
+                    for kk in 0..g.k {
+                        acc = (*x.add(kk)).mul_add(*g.w.as_ptr().add(kk * g.n + c), acc);
+                    }
+                    *out.add(row * g.n + c) = acc;
+                }
+                let o = out.add(row * g.n);
+                if let Some(bias) = g.bias {
+                    let mut c = cols.start;
+                    while c + 8 <= vec_end {
+                        let v = _mm256_add_ps(
+                            _mm256_loadu_ps(o.add(c)),
+                            _mm256_loadu_ps(bias.as_ptr().add(c)),
+                        );
+                        _mm256_storeu_ps(o.add(c), v);
+                        c += 8;
+                    }
+                    for (c, &b) in bias.iter().enumerate().take(cols.end).skip(vec_end) {
+                        *o.add(c) += b;
+                    }
+                } else {
+                    for c in cols.clone() {
+                        *o.add(c) += 0.0;
+                    }
                 }
             }
         }
     }
 
+    /// `out[row..row+BB][cols] += x[·][k0..k0+KG] · w[k0..k0+KG][cols]`, one `k` after the
+    /// other for every element. `cols` is a whole number of 8-wide vectors.
     #[inline(always)]
-    unsafe fn tile_kn<const BB: usize, const NV: usize>(
+    unsafe fn axpy_group<const BB: usize, const KG: usize>(
         g: Gemm<'_>,
         row: usize,
-        col: usize,
+        k0: usize,
+        cols: Range<usize>,
         out: *mut f32,
     ) {
         // SAFETY: see `kn`.
         unsafe {
-            let mut acc = [[_mm256_setzero_ps(); NV]; BB];
-            let x = g.x.as_ptr().add(row * g.k);
-            let w = g.w.as_ptr().add(col);
-            for kk in 0..g.k {
-                let wr = w.add(kk * g.n);
-                let mut wv = [_mm256_setzero_ps(); NV];
-                for (v, slot) in wv.iter_mut().enumerate() {
-                    *slot = _mm256_loadu_ps(wr.add(8 * v));
-                }
-                for (b, acc_b) in acc.iter_mut().enumerate() {
-                    let xb = _mm256_broadcast_ss(&*x.add(b * g.k + kk));
-                    for v in 0..NV {
-                        acc_b[v] = _mm256_fmadd_ps(xb, wv[v], acc_b[v]);
-                    }
+            let mut xb = [[_mm256_setzero_ps(); KG]; BB];
+            for (b, xr) in xb.iter_mut().enumerate() {
+                for (r, slot) in xr.iter_mut().enumerate() {
+                    *slot = _mm256_set1_ps(*g.x.as_ptr().add((row + b) * g.k + k0 + r));
                 }
             }
-            for (b, acc_b) in acc.iter().enumerate() {
-                for (v, &a) in acc_b.iter().enumerate() {
-                    let c = col + 8 * v;
-                    let r = match g.bias {
-                        Some(bias) => _mm256_add_ps(a, _mm256_loadu_ps(bias.as_ptr().add(c))),
-                        None => _mm256_add_ps(a, _mm256_setzero_ps()),
-                    };
-                    _mm256_storeu_ps(out.add((row + b) * g.n + c), r);
+            let w = g.w.as_ptr().add(k0 * g.n);
+            let mut c = cols.start;
+            while c < cols.end {
+                for (b, xr) in xb.iter().enumerate() {
+                    let o = out.add((row + b) * g.n + c);
+                    let mut acc = _mm256_loadu_ps(o);
+                    for (r, &xv) in xr.iter().enumerate() {
+                        acc = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w.add(r * g.n + c)), acc);
+                    }
+                    _mm256_storeu_ps(o, acc);
                 }
+                c += 8;
             }
         }
     }

@@ -1,0 +1,256 @@
+//! `llorch-engine`: serve GPT-2 over gRPC, or generate, dump checkpoints, write random models
+//! and benchmark from the shell.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use llorch_common::logging::{self, LogArgs};
+use llorch_engine::random::{FileLayout, RandomModel, StorageDtype};
+use llorch_engine::sequence::DEFAULT_PREFILL_CHUNK;
+use llorch_engine::{Gpt2, Gpt2Config, bench, threads};
+use llorch_proto::engine::v1 as pb;
+
+/// GPT-2 inference engine on the CPU.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(flatten)]
+    log: LogArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate from token ids and print one JSON object.
+    Generate(GenerateArgs),
+    /// Write every checkpoint tensor of a prompt as .npy (plus meta.json) into a folder.
+    Dump {
+        /// Model folder (config.json + model.safetensors).
+        #[arg(long, env = "LLORCH_MODEL", default_value = "models/default")]
+        model: PathBuf,
+        /// Prompt token ids, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        prompt_ids: Vec<u32>,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Write a random-weight GPT-2 model folder (with the tokenizer files) for benchmarks.
+    RandomModel {
+        /// `small`, `medium`, `large`, `xl`, or a path to a config.json.
+        #[arg(long)]
+        config: String,
+        /// RNG seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Weight storage type.
+        #[arg(long, value_enum, default_value_t = StorageDtype::F32)]
+        dtype: StorageDtype,
+        /// Tensor naming (`save-pretrained` or the hub's).
+        #[arg(long, value_enum, default_value_t = FileLayout::SavePretrained)]
+        layout: FileLayout,
+        /// Standard deviation of the weights (GPT-2 init: 0.02).
+        #[arg(long, default_value_t = 0.02)]
+        std: f32,
+        /// Folder whose tokenizer files are copied along.
+        #[arg(long, default_value = "models/default")]
+        tokenizer_from: PathBuf,
+    },
+    /// Measure prefill and decode throughput; prints JSON.
+    Bench {
+        /// Model folder.
+        #[arg(long, env = "LLORCH_MODEL", default_value = "models/default")]
+        model: PathBuf,
+        /// Prompt length.
+        #[arg(long, default_value_t = 128)]
+        prompt_tokens: usize,
+        /// Tokens decoded per sequence.
+        #[arg(long, default_value_t = 128)]
+        new_tokens: usize,
+        /// Sequences decoded together.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Compute threads (OpenBLAS and the engine's pool); 0 = all cores.
+        #[arg(long, env = "LLORCH_THREADS", default_value_t = 0)]
+        threads: usize,
+        /// Repetitions (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Prompt tokens per prefill step.
+        #[arg(long, default_value_t = DEFAULT_PREFILL_CHUNK)]
+        prefill_chunk: usize,
+    },
+}
+
+#[derive(Debug, Args)]
+struct GenerateArgs {
+    /// Model folder (config.json + model.safetensors).
+    #[arg(long, env = "LLORCH_MODEL", default_value = "models/default")]
+    model: PathBuf,
+    /// Prompt token ids, comma-separated (e.g. 15496,13 for "Hello.").
+    #[arg(long, value_delimiter = ',', required = true)]
+    prompt_ids: Vec<u32>,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 16)]
+    max_new_tokens: u32,
+    /// 0.0..=2.0; below 1e-6 is greedy.
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    /// Keep the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    top_k: u32,
+    /// Nucleus mass 0.0..=1.0 (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Relative probability floor 0.0..=1.0 (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    /// Repetition penalty 0.0..=2.0 (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// RNG seed (random when absent; printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Report each token's log-probability and this many alternatives (0..=5).
+    #[arg(long)]
+    logprobs: Option<u32>,
+    /// Stop after any of these ids.
+    #[arg(long, value_delimiter = ',')]
+    stop_token_ids: Vec<u32>,
+    /// Keep going past <|endoftext|>.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Compute threads; 0 = all cores.
+    #[arg(long, env = "LLORCH_THREADS", default_value_t = 0)]
+    threads: usize,
+    /// Prompt tokens per prefill step.
+    #[arg(long, default_value_t = DEFAULT_PREFILL_CHUNK)]
+    prefill_chunk: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    logging::init(&cli.log)?;
+    match cli.command {
+        Command::Generate(args) => generate(args),
+        Command::Dump { model, prompt_ids, out } => {
+            let model = load(&model)?;
+            let files = llorch_engine::dump::dump(&model, &prompt_ids, &out)?;
+            println!("{}", serde_json::json!({ "out": out, "files": files }));
+            Ok(())
+        }
+        Command::RandomModel { config, seed, out, dtype, layout, std, tokenizer_from } => {
+            let config = match Gpt2Config::preset(&config) {
+                Some(c) => c,
+                None => Gpt2Config::from_dir(Path::new(&config).parent().unwrap_or(Path::new(".")))
+                    .with_context(|| {
+                        format!("{config:?} is neither small/medium/large/xl nor a config.json")
+                    })?,
+            };
+            let started = Instant::now();
+            RandomModel { config, seed, std, dtype, layout }.write(&out)?;
+            let copied = llorch_engine::random::copy_tokenizer_files(&tokenizer_from, &out)
+                .with_context(|| {
+                    format!("cannot copy the tokenizer files from {}", tokenizer_from.display())
+                })?;
+            tracing::info!(out = %out.display(), seconds = started.elapsed().as_secs_f64(), tokenizer_files = copied, "random model written");
+            println!("{}", serde_json::json!({ "out": out, "tokenizer_files": copied }));
+            Ok(())
+        }
+        Command::Bench {
+            model,
+            prompt_tokens,
+            new_tokens,
+            batch,
+            threads: n,
+            runs,
+            prefill_chunk,
+        } => {
+            threads::set_threads(n);
+            let started = Instant::now();
+            let gpt2 = load(&model)?;
+            let load_time = started.elapsed();
+            let cfg = bench::BenchConfig {
+                prompt_tokens,
+                new_tokens,
+                batch,
+                prefill_chunk,
+                runs,
+                seed: 7,
+            };
+            let report = bench::run(&gpt2, &model_name(&model), &cfg, load_time)?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
+    }
+}
+
+fn load(dir: &Path) -> anyhow::Result<Gpt2> {
+    let started = Instant::now();
+    let model =
+        Gpt2::load(dir).with_context(|| format!("cannot load the model in {}", dir.display()))?;
+    tracing::info!(model = %dir.display(), dtype = model.dtype(), seconds = started.elapsed().as_secs_f64(), "model loaded");
+    Ok(model)
+}
+
+fn model_name(dir: &Path) -> String {
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned())
+}
+
+fn generate(a: GenerateArgs) -> anyhow::Result<()> {
+    threads::set_threads(a.threads);
+    let model = load(&a.model)?;
+    let request = pb::GenerateRequest {
+        request_id: "cli".into(),
+        prompt_ids: a.prompt_ids.clone(),
+        sampling: Some(pb::SamplingParams {
+            temperature: Some(a.temperature),
+            top_k: a.top_k,
+            top_p: Some(a.top_p),
+            min_p: a.min_p,
+            repetition_penalty: Some(a.repetition_penalty),
+            seed: a.seed,
+        }),
+        stopping: Some(pb::StoppingCriteria {
+            max_new_tokens: a.max_new_tokens,
+            stop_token_ids: a.stop_token_ids,
+            ignore_eos: a.ignore_eos,
+        }),
+        logprobs: a.logprobs.is_some(),
+        top_logprobs: a.logprobs.unwrap_or(0),
+    };
+    let valid = llorch_engine::validate(request, model.config(), model.config().n_ctx)?;
+    let seed = valid.sampling.seed;
+    let out = llorch_engine::generate(&model, valid, a.prefill_chunk, |_| {})?;
+    let logprobs: Vec<serde_json::Value> = if a.logprobs.is_some() {
+        out.tokens
+            .iter()
+            .map(|t| {
+                let top: Vec<_> = t
+                    .top
+                    .iter()
+                    .map(|(id, lp)| serde_json::json!({ "id": id, "logprob": lp }))
+                    .collect();
+                serde_json::json!({ "id": t.id, "logprob": t.logprob, "top": top })
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let json = serde_json::json!({
+        "prompt_ids": a.prompt_ids,
+        "generated_ids": out.ids(),
+        "finish_reason": out.finish.as_str(),
+        "seed": seed,
+        "logprobs": logprobs,
+    });
+    println!("{json}");
+    Ok(())
+}
