@@ -120,3 +120,14 @@ pub async fn start_tokenizer(
     })
     .await
 }
+
+/// Starts the engine service with `config` tweaks applied (default model, port 0).
+pub async fn start_engine(
+    tweak: impl FnOnce(&mut llorch_engine::server::ServeConfig),
+) -> anyhow::Result<Service> {
+    let mut config = llorch_engine::server::ServeConfig::new(default_model());
+    config.threads = 2;
+    tweak(&mut config);
+    Service::spawn(move |listener, shutdown| llorch_engine::server::run(config, listener, shutdown))
+        .await
+}

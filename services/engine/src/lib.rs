@@ -22,7 +22,9 @@ pub mod npy;
 pub mod random;
 pub mod request;
 pub mod sampling;
+pub mod scheduler;
 pub mod sequence;
+pub mod server;
 pub mod threads;
 pub mod weights;
 

@@ -24,6 +24,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Serve `llorch.engine.v1.Engine` (plus health and reflection) over gRPC.
+    Serve(llorch_engine::server::ServeConfig),
     /// Generate from token ids and print one JSON object.
     Generate(GenerateArgs),
     /// Write every checkpoint tensor of a prompt as .npy (plus meta.json) into a folder.
@@ -138,6 +140,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     logging::init(&cli.log)?;
     match cli.command {
+        Command::Serve(config) => serve(config),
         Command::Generate(args) => generate(args),
         Command::Dump { model, prompt_ids, out } => {
             let model = load(&model)?;
@@ -189,6 +192,19 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn serve(config: llorch_engine::server::ServeConfig) -> anyhow::Result<()> {
+    // The forward pass runs on the scheduler thread and the compute pool; the runtime only
+    // moves messages, so two worker threads are plenty.
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async {
+        let addr = std::net::SocketAddr::new(config.host, config.port);
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot bind {addr}"))?;
+        llorch_engine::server::run(config, listener, llorch_common::shutdown::signal()).await
+    })
 }
 
 fn load(dir: &Path) -> anyhow::Result<Gpt2> {

@@ -1,0 +1,361 @@
+//! The `llorch.engine.v1.Engine` gRPC service and [`run`], which loads the model, starts the
+//! scheduler and serves (with health and reflection) until shutdown, then drains.
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt};
+use llorch_common::grpc::Health;
+use llorch_common::shutdown::{DrainSignal, drain_with_deadline};
+use llorch_proto::engine::v1 as pb;
+use llorch_proto::engine::v1::engine_server::{Engine, EngineServer};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status};
+
+use crate::error::EngineError;
+use crate::layers::gemm::SMALL_M;
+use crate::model::Gpt2;
+use crate::request::validate;
+use crate::scheduler::{self, Event, Job, SchedulerConfig, SchedulerHandle};
+use crate::sequence::{DEFAULT_PREFILL_CHUNK, FinishReason};
+
+/// How `llorch-engine serve` runs; every field is a `--flag` with an env fallback.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeConfig {
+    /// Model folder (config.json + model.safetensors).
+    #[arg(long, env = "LLORCH_MODEL", default_value = "models/default")]
+    pub model: PathBuf,
+    /// Name reported by `Info` (default: the model folder's name).
+    #[arg(long, env = "LLORCH_MODEL_NAME")]
+    pub model_name: Option<String>,
+    /// Address to bind.
+    #[arg(long, env = "LLORCH_ENGINE_HOST", default_value = "127.0.0.1")]
+    pub host: IpAddr,
+    /// Port to bind; 0 picks a free one (the bound address is logged).
+    #[arg(long, env = "LLORCH_ENGINE_PORT", default_value_t = 50052)]
+    pub port: u16,
+    /// Most sequences decoded together (1..=32).
+    #[arg(long, env = "LLORCH_MAX_BATCH", default_value_t = 8)]
+    pub max_batch: usize,
+    /// Most requests waiting for a batch slot; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "LLORCH_MAX_QUEUE", default_value_t = 64)]
+    pub max_queue: usize,
+    /// Compute threads (OpenBLAS and the engine's pool); 0 = all cores.
+    #[arg(long, env = "LLORCH_THREADS", default_value_t = 0)]
+    pub threads: usize,
+    /// Largest max_new_tokens a request may ask for.
+    #[arg(long, env = "LLORCH_MAX_NEW_TOKENS_LIMIT", default_value_t = 2048)]
+    pub max_new_tokens_limit: usize,
+    /// Prompt tokens per prefill step (long prompts are cut so running streams keep flowing).
+    #[arg(long, env = "LLORCH_PREFILL_CHUNK", default_value_t = DEFAULT_PREFILL_CHUNK)]
+    pub prefill_chunk: usize,
+    /// Seconds running streams get to finish after SIGTERM/SIGINT before they are cancelled.
+    #[arg(long, env = "LLORCH_ENGINE_GRACE_SECS", default_value_t = 30.0)]
+    pub grace_secs: f64,
+    /// Largest gRPC message accepted, in bytes.
+    #[arg(long, env = "LLORCH_ENGINE_MAX_MESSAGE_BYTES", default_value_t = 4 << 20)]
+    pub max_message_bytes: usize,
+}
+
+impl ServeConfig {
+    /// A configuration with every default, for `model`.
+    pub fn new(model: PathBuf) -> Self {
+        Self {
+            model,
+            model_name: None,
+            host: [127, 0, 0, 1].into(),
+            port: 0,
+            max_batch: 8,
+            max_queue: 64,
+            threads: 0,
+            max_new_tokens_limit: 2048,
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
+            grace_secs: 30.0,
+            max_message_bytes: 4 << 20,
+        }
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            (1..=SMALL_M).contains(&self.max_batch),
+            "--max-batch must be in 1..={SMALL_M} (got {})",
+            self.max_batch
+        );
+        anyhow::ensure!(self.prefill_chunk >= 1, "--prefill-chunk must be at least 1");
+        anyhow::ensure!(
+            self.max_new_tokens_limit >= 1,
+            "--max-new-tokens-limit must be at least 1"
+        );
+        anyhow::ensure!(self.grace_secs >= 0.0, "--grace-secs must not be negative");
+        Ok(())
+    }
+}
+
+/// The loaded engine: model plus scheduler.
+#[derive(Debug)]
+struct Loaded {
+    model: Arc<Gpt2>,
+    name: String,
+    scheduler: SchedulerHandle,
+}
+
+/// The gRPC handlers; `UNAVAILABLE` until the model has loaded.
+#[derive(Debug, Clone)]
+pub struct EngineService {
+    loaded: Arc<OnceLock<Loaded>>,
+    max_new_tokens_limit: usize,
+}
+
+impl EngineService {
+    fn loaded(&self) -> Result<&Loaded, Status> {
+        self.loaded.get().ok_or_else(|| Status::unavailable("the engine is loading the model"))
+    }
+}
+
+type GenerateStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Engine for EngineService {
+    type GenerateStream = GenerateStream;
+
+    #[tracing::instrument(skip_all, fields(request_id, prompt_tokens = request.get_ref().prompt_ids.len()))]
+    async fn generate(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<GenerateStream>, Status> {
+        let engine = self.loaded()?;
+        if engine.scheduler.is_draining() {
+            return Err(EngineError::Unavailable("draining").into());
+        }
+        let deadline = grpc_timeout(request.metadata()).map(|d| Instant::now() + d);
+        let req = validate(request.into_inner(), engine.model.config(), self.max_new_tokens_limit)?;
+        tracing::Span::current().record("request_id", req.request_id.as_str());
+        let (tx, rx) = tokio::sync::mpsc::channel(req.stopping.max_new_tokens + 2);
+        engine.scheduler.submit(Job { req, events: tx, deadline })?;
+        Ok(Response::new(Box::pin(response_stream(rx))))
+    }
+
+    async fn info(
+        &self,
+        _request: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::InfoResponse>, Status> {
+        let engine = self.loaded()?;
+        let c = engine.model.config();
+        let stats = engine.scheduler.stats();
+        let sc = engine.scheduler.config();
+        let u = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+        Ok(Response::new(pb::InfoResponse {
+            model: engine.name.clone(),
+            n_layer: u(c.n_layer),
+            n_head: u(c.n_head),
+            n_embd: u(c.n_embd),
+            n_ctx: u(c.n_ctx),
+            vocab_size: u(c.vocab_size),
+            eos_token_id: c.eos_token_id,
+            dtype: engine.model.dtype().to_owned(),
+            max_batch: u(sc.max_batch),
+            running: u(stats.running.load(Ordering::SeqCst)),
+            waiting: u(stats.waiting.load(Ordering::SeqCst)),
+            max_queue: u(sc.max_queue),
+            max_new_tokens_limit: u(self.max_new_tokens_limit),
+            finished: stats.finished().into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+            kv_caches_in_use: u(stats.caches_in_use.load(Ordering::SeqCst)),
+            prefill_chunk: u(sc.prefill_chunk),
+            decode_steps: stats.decode_steps.load(Ordering::SeqCst),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(ids = request.get_ref().request_ids.len()))]
+    async fn abort(
+        &self,
+        request: Request<pb::AbortRequest>,
+    ) -> Result<Response<pb::AbortResponse>, Status> {
+        let engine = self.loaded()?;
+        let ids = request.into_inner().request_ids;
+        if ids.len() > 1024 {
+            return Err(EngineError::invalid(
+                "request_ids",
+                format!("{} ids; the limit is 1024", ids.len()),
+            )
+            .into());
+        }
+        let aborted = engine.scheduler.abort(ids).await?;
+        Ok(Response::new(pb::AbortResponse { aborted: u32::try_from(aborted).unwrap_or(u32::MAX) }))
+    }
+}
+
+/// Scheduler events as gRPC messages. A stream that ends without `Finished` (the scheduler
+/// stopped) ends with an error status instead, never silently.
+fn response_stream(
+    rx: tokio::sync::mpsc::Receiver<Event>,
+) -> impl Stream<Item = Result<pb::GenerateResponse, Status>> {
+    let mut done = false;
+    ReceiverStream::new(rx).map(Some).chain(futures::stream::once(async { None })).filter_map(
+        move |event| {
+            let out = match event {
+                _ if done => None,
+                Some(Event::Token(t)) => Some(Ok(pb::GenerateResponse {
+                    event: Some(pb::generate_response::Event::Token(pb::Token {
+                        index: t.index as u32,
+                        id: t.token.id,
+                        logprob: t.token.logprob,
+                        top_logprobs: t
+                            .token
+                            .top
+                            .iter()
+                            .map(|&(id, logprob)| pb::TopLogprob { id, logprob })
+                            .collect(),
+                    })),
+                })),
+                Some(Event::Finished(f)) => {
+                    done = true;
+                    Some(Ok(pb::GenerateResponse {
+                        event: Some(pb::generate_response::Event::Finished(finished(&f))),
+                    }))
+                }
+                Some(Event::Error(message)) => {
+                    done = true;
+                    Some(Err(Status::internal(message)))
+                }
+                None => {
+                    done = true;
+                    Some(Err(Status::unavailable("the engine stopped before the stream finished")))
+                }
+            };
+            futures::future::ready(out)
+        },
+    )
+}
+
+fn finished(f: &scheduler::Finished) -> pb::Finished {
+    let reason = match f.reason {
+        FinishReason::Length => pb::FinishReason::Length,
+        FinishReason::Eos => pb::FinishReason::Eos,
+        FinishReason::StopToken => pb::FinishReason::StopToken,
+        FinishReason::Cancelled => pb::FinishReason::Cancelled,
+        FinishReason::Deadline => pb::FinishReason::Deadline,
+    };
+    let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+    pb::Finished {
+        reason: reason as i32,
+        prompt_tokens: f.prompt_tokens as u32,
+        generated_tokens: f.generated_tokens as u32,
+        seed: f.seed,
+        timings: Some(pb::Timings {
+            queue_us: us(f.timings.queue),
+            prefill_us: us(f.timings.prefill),
+            decode_us: us(f.timings.decode),
+        }),
+    }
+}
+
+/// The `grpc-timeout` header (`<digits><H|M|S|m|u|n>`), if present and well formed.
+pub fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let v = meta.get("grpc-timeout")?.to_str().ok()?;
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Serves the engine on `listener` until `shutdown` resolves. Health is NOT_SERVING until the
+/// model is loaded. On shutdown: NOT_SERVING, new requests refused (`UNAVAILABLE`), running
+/// streams get [`ServeConfig::grace_secs`] to finish, the rest end with `CANCELLED`, then the
+/// server stops.
+pub async fn run(
+    config: ServeConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    config.check()?;
+    let addr = listener.local_addr()?;
+    let (health, health_server) = Health::new(llorch_proto::ENGINE_SERVICE).await;
+    let service = EngineService {
+        loaded: Arc::new(OnceLock::new()),
+        max_new_tokens_limit: config.max_new_tokens_limit,
+    };
+    let engine_server = EngineServer::new(service.clone())
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
+    let drain = DrainSignal::new();
+    let server = tonic::transport::Server::builder()
+        .add_service(health_server)
+        .add_service(llorch_common::grpc::reflection()?)
+        .add_service(engine_server)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain.started());
+    let server = async {
+        // Streams were already drained (or cancelled) before the server is told to stop; the
+        // short deadline only covers clients that keep idle connections open.
+        drain_with_deadline(server, drain.started(), Duration::from_secs(5)).await?;
+        anyhow::Ok(())
+    };
+    tracing::info!(%addr, model = %config.model.display(), "engine service listening");
+
+    let lifecycle = async {
+        let started = Instant::now();
+        crate::threads::set_threads(config.threads);
+        let dir = config.model.clone();
+        let model = tokio::task::spawn_blocking(move || Gpt2::load(&dir)).await??;
+        let model = Arc::new(model);
+        let name = config.model_name.clone().unwrap_or_else(|| folder_name(&config.model));
+        tracing::info!(
+            model = %name,
+            dtype = model.dtype(),
+            n_layer = model.config().n_layer,
+            weight_mib = model.weight_bytes() as f64 / (1 << 20) as f64,
+            threads = crate::threads::current(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "model loaded"
+        );
+        let sc = SchedulerConfig {
+            max_batch: config.max_batch,
+            max_queue: config.max_queue,
+            prefill_chunk: config.prefill_chunk,
+        };
+        let (scheduler, thread) = scheduler::spawn(Arc::clone(&model), sc)?;
+        let _ = service.loaded.set(Loaded { model, name, scheduler: scheduler.clone() });
+        health.ready().await;
+
+        shutdown.await;
+        health.draining().await;
+        scheduler.start_draining();
+        let grace = Duration::from_secs_f64(config.grace_secs);
+        tracing::info!(
+            grace_secs = config.grace_secs,
+            "draining: new requests refused, running streams finishing"
+        );
+        if !scheduler.wait_idle(grace).await {
+            tracing::warn!("grace period over: cancelling the remaining streams");
+            scheduler.cancel_all();
+            scheduler.wait_idle(Duration::from_secs(5)).await;
+        }
+        scheduler.stop();
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        drain.start();
+        anyhow::Ok(())
+    };
+    tokio::try_join!(lifecycle, server)?;
+    tracing::info!("engine service stopped");
+    Ok(())
+}
+
+fn folder_name(dir: &std::path::Path) -> String {
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned())
+}

@@ -1,0 +1,69 @@
+//! The `llorch-engine serve` binary as a child process: it logs its bound address, serves,
+//! and on SIGTERM drains and exits 0.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use llorch_proto::engine::v1::engine_client::EngineClient;
+use llorch_proto::engine::v1::{GenerateRequest, SamplingParams, StoppingCriteria};
+
+#[tokio::test]
+async fn serve_logs_its_address_serves_and_exits_0_on_sigterm() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_llorch-engine"))
+        .args([
+            "--log-format",
+            "json",
+            "serve",
+            "--port",
+            "0",
+            "--threads",
+            "1",
+            "--grace-secs",
+            "10",
+        ])
+        .current_dir(&root)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut addr = None;
+    let mut ready = false;
+    while !(ready && addr.is_some()) {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the engine stopped logging before it was ready");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["fields"]["message"] == "engine service listening" {
+            addr = v["fields"]["addr"].as_str().map(str::to_owned);
+        }
+        ready |= v["fields"]["message"] == "ready";
+    }
+    let mut client = EngineClient::connect(format!("http://{}", addr.unwrap())).await.unwrap();
+    let req = GenerateRequest {
+        prompt_ids: vec![15496, 13],
+        sampling: Some(SamplingParams { temperature: Some(0.0), ..Default::default() }),
+        stopping: Some(StoppingCriteria { max_new_tokens: 3, ..Default::default() }),
+        ..Default::default()
+    };
+    let mut stream = client.generate(req).await.unwrap().into_inner();
+    let mut n = 0;
+    while let Some(msg) = futures::StreamExt::next(&mut stream).await {
+        msg.unwrap();
+        n += 1;
+    }
+    assert_eq!(n, 4, "three tokens and Finished");
+
+    assert!(
+        Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success()
+    );
+    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
