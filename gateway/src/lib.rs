@@ -1,1 +1,17 @@
-//! The llorch gateway (filled in by the gateway issue).
+//! The llorch gateway: the llama-orch worker HTTP/SSE API (`/health`, `/execute`, `/cancel`,
+//! `/metrics`) over the tokenizer and engine gRPC services.
+
+pub mod callback;
+pub mod config;
+pub mod correlation;
+pub mod error;
+pub mod execute;
+pub mod metrics;
+pub mod server;
+pub mod state;
+pub mod stop;
+pub mod upstream;
+pub mod validate;
+
+pub use config::GatewayConfig;
+pub use error::{ErrorKind, GatewayError};

@@ -131,3 +131,280 @@ pub async fn start_engine(
     Service::spawn(move |listener, shutdown| llorch_engine::server::run(config, listener, shutdown))
         .await
 }
+
+impl Service {
+    /// Stops the service abruptly, as a crash would: its task is dropped and every connection
+    /// with it.
+    pub async fn kill(mut self) {
+        self.stop.take();
+        self.task.abort();
+        let _ = (&mut self.task).await;
+    }
+}
+
+/// The three services of a worker, started in-process.
+pub struct Stack {
+    /// Tokenizer service.
+    pub tokenizer: Service,
+    /// Engine service.
+    pub engine: Service,
+    /// Gateway.
+    pub gateway: Service,
+}
+
+impl Stack {
+    /// Starts tokenizer, engine and gateway (each on port 0), waits until all serve.
+    pub async fn start(
+        engine_tweak: impl FnOnce(&mut llorch_engine::server::ServeConfig),
+        gateway_tweak: impl FnOnce(&mut llorch_gateway::GatewayConfig),
+    ) -> anyhow::Result<Self> {
+        let tokenizer = start_tokenizer(|_| {}).await?;
+        let engine = start_engine(engine_tweak).await?;
+        tokenizer.wait_serving(llorch_proto::TOKENIZER_SERVICE).await?;
+        engine.wait_serving(llorch_proto::ENGINE_SERVICE).await?;
+        let mut config = llorch_gateway::GatewayConfig::new(tokenizer.url(), engine.url());
+        gateway_tweak(&mut config);
+        let gateway = Service::spawn(move |listener, shutdown| {
+            llorch_gateway::server::run(config, listener, shutdown)
+        })
+        .await?;
+        wait_http_ok(&format!("{}/health", gateway.url())).await?;
+        Ok(Self { tokenizer, engine, gateway })
+    }
+
+    /// `http://gateway/<path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.gateway.url())
+    }
+
+    /// Stops all three.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.gateway.stop().await?;
+        self.engine.stop().await?;
+        self.tokenizer.stop().await
+    }
+}
+
+/// Polls `url` until it answers 200 (10 s).
+pub async fn wait_http_ok(url: &str) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    for _ in 0..400 {
+        if let Ok(r) = client.get(url).send().await
+            && r.status().is_success()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    bail!("{url} not healthy after 10 s")
+}
+
+/// One server-sent event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SseEvent {
+    /// The `event:` line.
+    pub event: String,
+    /// The `data:` payload, parsed.
+    pub data: serde_json::Value,
+}
+
+/// A real SSE reader over a streaming HTTP response: frames are split on blank lines,
+/// `event:`/`data:` fields read, comments (keep-alives) skipped.
+pub struct SseReader {
+    body: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<bytes_type::Bytes>> + Send>>,
+    buf: String,
+}
+
+/// Re-export so tests need no direct dependency on `bytes`.
+pub mod bytes_type {
+    pub use axum::body::Bytes;
+}
+
+impl SseReader {
+    /// Reads the events of `resp` (which must be `text/event-stream`).
+    pub fn new(resp: reqwest::Response) -> Self {
+        Self { body: Box::pin(resp.bytes_stream()), buf: String::new() }
+    }
+
+    /// The next event; `None` when the stream ends.
+    pub async fn next(&mut self) -> Option<SseEvent> {
+        use futures::StreamExt;
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let frame: String = self.buf.drain(..end + 2).collect();
+                let mut event = String::new();
+                let mut data = String::new();
+                for line in frame.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        event = v.trim_start().to_owned();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.strip_prefix(' ').unwrap_or(v));
+                    }
+                }
+                if event.is_empty() && data.is_empty() {
+                    continue; // a comment (keep-alive)
+                }
+                let data = serde_json::from_str(&data).unwrap_or(serde_json::Value::String(data));
+                return Some(SseEvent { event, data });
+            }
+            match self.body.next().await {
+                Some(Ok(chunk)) => self.buf.push_str(&String::from_utf8_lossy(&chunk)),
+                _ => return None,
+            }
+        }
+    }
+
+    /// Every remaining event.
+    pub async fn collect(mut self) -> Vec<SseEvent> {
+        let mut out = Vec::new();
+        while let Some(e) = self.next().await {
+            out.push(e);
+        }
+        out
+    }
+}
+
+/// The `llorch-engine` binary of this build (built by `cargo nextest run --workspace` /
+/// `cargo build --workspace`), found next to the test executable.
+pub fn engine_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().and_then(Path::parent).context("test executable has no target dir")?;
+    let bin = dir.join("llorch-engine");
+    anyhow::ensure!(
+        bin.is_file(),
+        "{} not found: build the workspace first (cargo build --workspace)",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+/// `llorch-engine serve` as a child process, killed on drop.
+pub struct EngineProcess {
+    /// The child.
+    pub child: std::process::Child,
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+impl EngineProcess {
+    /// Starts the engine binary on `port` (0 = any) and waits until it is ready.
+    pub fn spawn(port: u16, model: &Path) -> anyhow::Result<Self> {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(engine_binary()?)
+            .args([
+                "--log-format",
+                "json",
+                "serve",
+                "--threads",
+                "1",
+                "--port",
+                &port.to_string(),
+                "--model",
+            ])
+            .arg(model)
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        let stderr = child.stderr.take().context("no stderr")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // Keep reading after start-up too: a closed pipe would fail the engine's log writes.
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut addr = None;
+        loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(30))
+                .context("the engine stopped logging before it was ready")?;
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if v["fields"]["message"] == "engine service listening" {
+                addr = v["fields"]["addr"].as_str().and_then(|a| a.parse().ok());
+            }
+            if v["fields"]["message"] == "ready" {
+                break;
+            }
+        }
+        Ok(Self { child, addr: addr.context("no address logged")? })
+    }
+
+    /// `http://addr`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for EngineProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// GPT-2's byte-to-unicode table: the token id that is exactly `byte`.
+pub fn byte_token_id(tok: &llorch_tokenizer::BpeTokenizer, byte: u8) -> u32 {
+    let printable = |b: u8| matches!(b, 33..=126 | 161..=172 | 174..=255);
+    let ch = if printable(byte) {
+        char::from(byte)
+    } else {
+        let rank = (0..byte).filter(|&b| !printable(b)).count() as u32;
+        char::from_u32(256 + rank).expect("valid")
+    };
+    tok.token_to_id(&ch.to_string()).expect("every byte has a token")
+}
+
+/// Writes a model folder whose greedy output is `script` whatever the prompt: generated token
+/// `i` after a prompt of `prompt_len` tokens is `script[i]`. Blocks are zero (identity), each
+/// scripted id gets its own axis in `wte`, and `wpe` points each position at the next id, so
+/// the test decides exactly which ids the engine emits (e.g. one byte token at a time).
+pub fn scripted_model(dir: &Path, prompt_len: usize, script: &[u32]) -> anyhow::Result<()> {
+    use llorch_engine::random::{FileLayout, RandomModel, StorageDtype, encode, write_safetensors};
+    let (c, n_pos) = (64usize, 128usize);
+    let mut config = llorch_engine::Gpt2Config::preset("small").context("preset")?;
+    (config.n_embd, config.n_layer, config.n_head, config.n_positions) = (c, 1, 2, n_pos);
+    let cfg = config.validate()?;
+    let mut tensors = RandomModel {
+        config: config.clone(),
+        seed: 1,
+        std: 0.0,
+        dtype: StorageDtype::F32,
+        layout: FileLayout::SavePretrained,
+    }
+    .tensors(&cfg);
+    let mut axes: Vec<u32> = script.to_vec();
+    axes.sort_unstable();
+    axes.dedup();
+    anyhow::ensure!(axes.len() <= c, "at most {c} distinct scripted ids");
+    let wte = tensors.get_mut("wte.weight").context("wte")?;
+    let mut rng = llorch_engine::sampling::Rng::new(5);
+    for v in wte.iter_mut() {
+        *v = (rng.next_f64() as f32 - 0.5) * 0.02;
+    }
+    for (axis, &id) in axes.iter().enumerate() {
+        let row = &mut wte[id as usize * c..(id as usize + 1) * c];
+        row.fill(0.0);
+        row[axis] = 100.0;
+    }
+    let wpe = tensors.get_mut("wpe.weight").context("wpe")?;
+    wpe.fill(0.0);
+    for (i, &id) in script.iter().enumerate() {
+        let pos = prompt_len - 1 + i;
+        let axis = axes.binary_search(&id).map_err(|_| anyhow::anyhow!("axis"))?;
+        wpe[pos * c + axis] = 1000.0;
+    }
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config)?)?;
+    let shapes = llorch_engine::weights::expected_shapes(&cfg);
+    let raw: Vec<_> = tensors
+        .into_iter()
+        .map(|(name, values)| {
+            let shape =
+                shapes.iter().find(|(n, _)| *n == name).map(|(_, s)| s.clone()).unwrap_or_default();
+            let (dtype, bytes) = encode(&values, StorageDtype::F32);
+            (format!("transformer.{name}"), dtype, shape, bytes)
+        })
+        .collect();
+    write_safetensors(&dir.join("model.safetensors"), &raw)?;
+    llorch_engine::random::copy_tokenizer_files(&default_model(), dir)?;
+    Ok(())
+}

@@ -168,6 +168,7 @@ impl Engine for EngineService {
             kv_caches_in_use: u(stats.caches_in_use.load(Ordering::SeqCst)),
             prefill_chunk: u(sc.prefill_chunk),
             decode_steps: stats.decode_steps.load(Ordering::SeqCst),
+            weight_bytes: engine.model.weight_bytes() as u64,
         }))
     }
 

@@ -1,0 +1,154 @@
+//! The HTTP server: routes, `/health`, `/cancel`, `/metrics`, and [`run`].
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::callback;
+use crate::config::GatewayConfig;
+use crate::execute::{execute, json_rejection};
+use crate::state::AppState;
+use crate::upstream::Upstreams;
+
+/// The router over `state`.
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = state.config.max_body_bytes;
+    Router::new()
+        .route("/health", get(health))
+        .route("/execute", post(execute))
+        .route("/cancel", post(cancel))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn(crate::correlation::layer))
+        .with_state(state)
+}
+
+/// `GET /health`: 200 healthy when both upstreams answer, else 503 unhealthy (same shape).
+async fn health(State(app): State<Arc<AppState>>) -> Response {
+    let (status, code, facts) = match app.refresh_facts().await {
+        Ok(f) if !app.is_draining() => ("healthy", StatusCode::OK, Some(f)),
+        Ok(f) => ("draining", StatusCode::SERVICE_UNAVAILABLE, Some(f)),
+        Err(e) => {
+            tracing::warn!(error = %e, "health check failed");
+            ("unhealthy", StatusCode::SERVICE_UNAVAILABLE, None)
+        }
+    };
+    let status = if code == StatusCode::OK { status } else { "unhealthy" };
+    let mut body = json!({
+        "status": status,
+        "vram_bytes": 0,
+        "worker_id": app.config.worker_id,
+        "capabilities": ["text-gen"],
+        "protocol": "sse",
+        "memory_architecture": "cpu",
+        "running_jobs": app.running_jobs(),
+    });
+    if let Some(f) = facts {
+        body["model"] = json!(f.model);
+        body["memory_bytes"] = json!(f.weight_bytes);
+        body["context_length"] = json!(f.n_ctx);
+        body["vocab_size"] = json!(f.vocab_size);
+    } else if let Some(model) = &app.config.model {
+        body["model"] = json!(model);
+    }
+    (code, axum::Json(body)).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct CancelRequest {
+    job_id: String,
+}
+
+/// `POST /cancel`: 202 whether or not the job runs (idempotent).
+async fn cancel(
+    State(app): State<Arc<AppState>>,
+    body: Result<axum::Json<CancelRequest>, JsonRejection>,
+) -> Response {
+    let job_id = match body {
+        Ok(axum::Json(c)) => c.job_id,
+        Err(rejection) => return json_rejection(&rejection),
+    };
+    let found = app.cancel(&job_id);
+    tracing::info!(job_id, found, "cancel requested");
+    (
+        StatusCode::ACCEPTED,
+        axum::Json(json!({ "job_id": job_id, "status": "cancelling", "running": found })),
+    )
+        .into_response()
+}
+
+/// `GET /metrics`: Prometheus text.
+async fn metrics(State(app): State<Arc<AppState>>) -> Response {
+    let in_flight = (app.config.max_in_flight - app.in_flight.available_permits()) as f64;
+    let mut engine = app.upstreams.engine.clone();
+    let mut req = tonic::Request::new(llorch_proto::engine::v1::InfoRequest {});
+    req.set_timeout(Duration::from_secs(1));
+    let (waiting, running) = match engine.info(req).await {
+        Ok(i) => {
+            let i = i.into_inner();
+            (f64::from(i.waiting), f64::from(i.running))
+        }
+        Err(_) => (f64::NAN, f64::NAN),
+    };
+    let text = app.metrics.render(&[
+        ("llorch_in_flight_requests", "Execute streams open in the gateway.", in_flight),
+        ("llorch_queue_depth", "Requests waiting in the engine for a batch slot.", waiting),
+        ("llorch_engine_running", "Sequences the engine is prefilling or decoding.", running),
+    ]);
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// Serves the worker API on `listener` until `shutdown` resolves, then refuses new jobs and
+/// gives running streams [`GatewayConfig::grace_secs`] to finish. Once listening it sends the
+/// ready callback; if that fails after its retries, `run` returns the error.
+pub async fn run(
+    config: GatewayConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    let upstreams = Upstreams::connect_lazy(&config.tokenizer_url, &config.engine_url)?;
+    let state = Arc::new(AppState::new(config.clone(), upstreams));
+    let app = router(Arc::clone(&state));
+    let drain = llorch_common::shutdown::DrainSignal::new();
+    let server = axum::serve(listener, app).with_graceful_shutdown(drain.started());
+    tracing::info!(%addr, tokenizer = %config.tokenizer_url, engine = %config.engine_url, "gateway listening");
+
+    let uri = config.public_url.clone().unwrap_or_else(|| format!("http://{addr}"));
+    let ready = callback::announce(&config, &uri, &state);
+    let lifecycle = async {
+        ready.await?;
+        shutdown.await;
+        state.start_draining();
+        let grace = Duration::from_secs_f64(config.grace_secs.max(0.0));
+        tracing::info!(grace_secs = config.grace_secs, jobs = state.running_jobs(), "draining");
+        let until = tokio::time::Instant::now() + grace;
+        while state.running_jobs() > 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drain.start();
+        anyhow::Ok(())
+    };
+    let server = async {
+        llorch_common::shutdown::drain_with_deadline(
+            server.into_future(),
+            drain.started(),
+            Duration::from_secs(5),
+        )
+        .await?;
+        anyhow::Ok(())
+    };
+    tokio::try_join!(lifecycle, server)?;
+    tracing::info!("gateway stopped");
+    Ok(())
+}

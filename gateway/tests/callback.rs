@@ -1,0 +1,127 @@
+//! The ready callback of the `llorch-gateway` binary: the documented body once the port is
+//! open, skipped in test mode, and a non-zero exit when the receiver keeps failing.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::post;
+use serde_json::{Value, json};
+
+/// Callback bodies received, with whether the worker's port was open at that moment.
+type Seen = Arc<Mutex<Vec<(Value, bool)>>>;
+
+/// A pool manager stand-in: records each callback body and whether the worker's port was
+/// already open when it arrived; answers with `status`.
+async fn receiver(status: StatusCode) -> (String, Seen) {
+    let seen: Seen = Arc::new(Mutex::new(Vec::new()));
+    let app = axum::Router::new()
+        .route(
+            "/ready",
+            post(
+                |State((seen, status)): State<(Seen, StatusCode)>,
+                 Json(body): Json<Value>| async move {
+                    let addr = body["uri"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .trim_start_matches("http://")
+                        .to_owned();
+                    let open = tokio::net::TcpStream::connect(addr).await.is_ok();
+                    seen.lock().unwrap().push((body, open));
+                    status
+                },
+            ),
+        )
+        .with_state((Arc::clone(&seen), status));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/ready", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, seen)
+}
+
+fn gateway(callback: &str) -> (Child, std::sync::mpsc::Receiver<String>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_llorch-gateway"))
+        .args(["--log-format", "json", "--port", "0", "--worker-id", "w-7", "--model", "gpt2-test"])
+        .args([
+            "--callback-url",
+            callback,
+            "--callback-attempts",
+            "3",
+            "--callback-backoff-secs",
+            "0.01",
+        ])
+        .args(["--tokenizer-url", "http://127.0.0.1:1", "--engine-url", "http://127.0.0.1:1"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    (child, rx)
+}
+
+/// Waits for a log line whose message is `message`; returns its fields.
+fn wait_log(rx: &std::sync::mpsc::Receiver<String>, message: &str) -> Value {
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("no {message:?} log line"));
+        let v: Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["fields"]["message"] == message {
+            return v["fields"].clone();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_receiver_gets_exactly_the_documented_body_once_the_port_is_open() {
+    let (url, seen) = receiver(StatusCode::OK).await;
+    let (mut child, rx) = gateway(&url);
+    let addr = wait_log(&rx, "gateway listening")["addr"].as_str().unwrap().to_owned();
+    wait_log(&rx, "ready callback accepted");
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    let (body, port_open) = &seen[0];
+    assert!(port_open, "the callback came before the port was open");
+    assert_eq!(
+        *body,
+        json!({
+            "worker_id": "w-7", "vram_bytes": 0, "uri": format!("http://{addr}"), "model_ref": "gpt2-test",
+            "memory_bytes": 0, "memory_architecture": "cpu", "worker_type": "cpu", "capabilities": ["text-gen"]
+        })
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_mode_skips_the_callback() {
+    let (mut child, rx) = gateway("http://localhost:9999/ready");
+    wait_log(&rx, "test mode: ready callback skipped");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(child.try_wait().unwrap().is_none(), "the gateway exited in test mode");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_receiver_makes_the_gateway_exit_non_zero_after_the_retries() {
+    let (url, seen) = receiver(StatusCode::INTERNAL_SERVER_ERROR).await;
+    let (mut child, rx) = gateway(&url);
+    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    assert!(!status.success(), "{status:?}");
+    assert_eq!(seen.lock().unwrap().len(), 3, "three attempts");
+    let lines: Vec<String> = rx.try_iter().collect();
+    assert!(
+        lines.iter().any(|l| l.contains("failed after 3 attempts") && l.contains("HTTP 500")),
+        "no clear final message in {lines:#?}"
+    );
+}
