@@ -9,7 +9,7 @@
 
 use std::path::Path;
 
-use ndarray::{Array2, ArrayD, ArrayView2, ArrayViewMut2, s};
+use ndarray::{Array2, ArrayD, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, s};
 
 use crate::config::{Gpt2Config, ModelConfig};
 use crate::error::EngineError;
@@ -367,16 +367,25 @@ impl Gpt2 {
         let nh = self.cfg.n_head;
         let mut row = 0;
         for seq in seqs.iter_mut() {
-            let s_len = seq.tokens.len();
-            let rows = s![row..row + s_len, ..];
+            let rows = s![row..row + seq.tokens.len(), ..];
             let qkv = sc.qkv.slice(rows);
             seq.cache.write(layer, qkv.slice(s![.., c..2 * c]), qkv.slice(s![.., 2 * c..]));
+            row += seq.tokens.len();
+        }
+        if trace.is_none() && seqs.iter().all(|s| s.tokens.len() == 1) {
+            self.attention_decode(layer, seqs, sc);
+            return Ok(());
+        }
+        let mut row = 0;
+        for seq in seqs.iter() {
+            let s_len = seq.tokens.len();
+            let rows = s![row..row + s_len, ..];
             let p_len = seq.cache.len() + s_len;
             let (k, v) = seq.cache.view(layer, p_len);
             let mut scores = trace.as_ref().map(|_| Array2::<f32>::zeros((nh * s_len, p_len)));
             layers::attention(
                 sc.atty.slice_mut(rows),
-                qkv,
+                sc.qkv.slice(rows),
                 k,
                 v,
                 nh,
@@ -392,6 +401,34 @@ impl Gpt2 {
             row += s_len;
         }
         Ok(())
+    }
+
+    /// A decode step (one new row per sequence): each sequence's attention on the pool, in
+    /// parallel; each is computed the same way whatever else is in the batch.
+    fn attention_decode(&self, layer: usize, seqs: &[SeqStep<'_>], sc: &mut Scratch) {
+        use rayon::prelude::*;
+        let nh = self.cfg.n_head;
+        let c = self.cfg.n_embd;
+        let n = seqs.len();
+        let inputs: Vec<_> = seqs
+            .iter()
+            .enumerate()
+            .map(|(i, seq)| {
+                let (k, v) = seq.cache.view(layer, seq.cache.len() + 1);
+                (sc.qkv.slice(s![i, ..c]), k, v)
+            })
+            .collect();
+        let mut rows = sc.atty.slice_mut(s![..n, ..]);
+        let mut outs: Vec<ArrayViewMut1<'_, f32>> = rows.axis_iter_mut(ndarray::Axis(0)).collect();
+        if n == 1 {
+            outs.iter_mut().zip(&inputs).for_each(|(out, input)| decode_one(nh, out, input));
+        } else {
+            crate::threads::pool().install(|| {
+                outs.par_iter_mut()
+                    .zip(inputs.par_iter())
+                    .for_each(|(out, input)| decode_one(nh, out, input));
+            });
+        }
     }
 
     fn check_step(&self, seqs: &[SeqStep<'_>]) -> Result<(), EngineError> {
@@ -418,4 +455,20 @@ impl Gpt2 {
         }
         Ok(())
     }
+}
+
+/// One decode row's attention input: `q: (C)`, cached `k, v: (P, C)`.
+type DecodeInput<'a> = (ArrayView1<'a, f32>, ArrayView2<'a, f32>, ArrayView2<'a, f32>);
+
+fn decode_one(n_head: usize, out: &mut ArrayViewMut1<'_, f32>, (q, k, v): &DecodeInput<'_>) {
+    let mut scores = Vec::new();
+    let out = out.as_slice_mut().expect("rows are contiguous");
+    layers::attention_decode(
+        out,
+        q.as_slice().expect("contiguous"),
+        k.view(),
+        v.view(),
+        n_head,
+        &mut scores,
+    );
 }

@@ -156,13 +156,18 @@ mod avx2 {
 
     use super::{Gemm, dot_nk, hsum8};
 
-    /// `w: (K, N)`, axpy form: the output rows stay in cache while the weight rows stream
-    /// through once, `KG` rows of `w` at a time, in order. Each element is zeroed, then gets
-    /// `fma(x[k], w[k], acc)` for every `k` in order (stored and reloaded between groups, which
-    /// is exact), then the bias — the arithmetic of `dot_kn`.
+    /// Rows of `w` per k-block: 16 rows of a gpt2-small matrix (2304 columns) are 147 KB, so a
+    /// block streams from memory once (sequentially) and is then re-read from L2 by every tile.
+    const KB: usize = 16;
+
+    /// `w: (K, N)`. For one row, the axpy form (the output row stays in L1 while the weight
+    /// rows stream through). For several rows, register tiles of `BB` rows × 16 columns over
+    /// k-blocks of [`KB`] weight rows, so each weight element loaded serves every row of the
+    /// tile. Either way each element is zeroed, gets `fma(x[k], w[k], acc)` for every `k` in
+    /// order (stored and reloaded between groups or blocks, which is exact), then the bias —
+    /// the arithmetic of `dot_kn`.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn kn(g: Gemm<'_>, cols: Range<usize>, out: *mut f32) {
-        const KG: usize = 4;
         let vec_end = cols.start + (cols.end - cols.start) / 8 * 8;
         // SAFETY (whole function): indices stay within x (B·K), w (K·N), bias (N) and the
         // caller's columns of out (B·N).
@@ -172,23 +177,10 @@ mod avx2 {
                     *out.add(row * g.n + c) = 0.0;
                 }
             }
-            let mut k0 = 0;
-            while k0 + KG <= g.k {
-                let mut row = 0;
-                while row + 2 <= g.b {
-                    axpy_group::<2, KG>(g, row, k0, cols.start..vec_end, out);
-                    row += 2;
-                }
-                if row < g.b {
-                    axpy_group::<1, KG>(g, row, k0, cols.start..vec_end, out);
-                }
-                k0 += KG;
-            }
-            while k0 < g.k {
-                for row in 0..g.b {
-                    axpy_group::<1, 1>(g, row, k0, cols.start..vec_end, out);
-                }
-                k0 += 1;
+            if g.b == 1 {
+                axpy_rows(g, cols.start..vec_end, out);
+            } else {
+                blocked_tiles(g, cols.start..vec_end, out);
             }
             for row in 0..g.b {
                 let x = g.x.as_ptr().add(row * g.k);
@@ -222,36 +214,127 @@ mod avx2 {
         }
     }
 
-    /// `out[row..row+BB][cols] += x[·][k0..k0+KG] · w[k0..k0+KG][cols]`, one `k` after the
-    /// other for every element. `cols` is a whole number of 8-wide vectors.
+    /// One row: `out[0][cols] += x[k..k+4] · w[k..k+4][cols]`, four weight rows at a time.
     #[inline(always)]
-    unsafe fn axpy_group<const BB: usize, const KG: usize>(
+    unsafe fn axpy_rows(g: Gemm<'_>, cols: Range<usize>, out: *mut f32) {
+        // SAFETY: see `kn`.
+        unsafe {
+            let mut k0 = 0;
+            while k0 + 4 <= g.k {
+                axpy_group::<4>(g, k0, cols.clone(), out);
+                k0 += 4;
+            }
+            while k0 < g.k {
+                axpy_group::<1>(g, k0, cols.clone(), out);
+                k0 += 1;
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn axpy_group<const KG: usize>(
         g: Gemm<'_>,
-        row: usize,
         k0: usize,
         cols: Range<usize>,
         out: *mut f32,
     ) {
         // SAFETY: see `kn`.
         unsafe {
-            let mut xb = [[_mm256_setzero_ps(); KG]; BB];
-            for (b, xr) in xb.iter_mut().enumerate() {
-                for (r, slot) in xr.iter_mut().enumerate() {
-                    *slot = _mm256_set1_ps(*g.x.as_ptr().add((row + b) * g.k + k0 + r));
-                }
+            let mut xb = [_mm256_setzero_ps(); KG];
+            for (r, slot) in xb.iter_mut().enumerate() {
+                *slot = _mm256_set1_ps(*g.x.as_ptr().add(k0 + r));
             }
             let w = g.w.as_ptr().add(k0 * g.n);
             let mut c = cols.start;
             while c < cols.end {
-                for (b, xr) in xb.iter().enumerate() {
-                    let o = out.add((row + b) * g.n + c);
-                    let mut acc = _mm256_loadu_ps(o);
-                    for (r, &xv) in xr.iter().enumerate() {
-                        acc = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w.add(r * g.n + c)), acc);
-                    }
-                    _mm256_storeu_ps(o, acc);
+                let o = out.add(c);
+                let mut acc = _mm256_loadu_ps(o);
+                for (r, &xv) in xb.iter().enumerate() {
+                    acc = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w.add(r * g.n + c)), acc);
                 }
+                _mm256_storeu_ps(o, acc);
                 c += 8;
+            }
+        }
+    }
+
+    /// Several rows: k-blocks of weight rows; inside a block, tiles of up to 4 rows × 16
+    /// columns (then 8) accumulate in registers.
+    #[inline(always)]
+    unsafe fn blocked_tiles(g: Gemm<'_>, cols: Range<usize>, out: *mut f32) {
+        // SAFETY: see `kn`.
+        unsafe {
+            let mut k0 = 0;
+            while k0 < g.k {
+                let kb = KB.min(g.k - k0);
+                let mut c = cols.start;
+                let next = k0 + kb;
+                while c < cols.end {
+                    let wide = c + 16 <= cols.end;
+                    // Pull the next k-block's lines of this strip towards L2 while this block
+                    // computes: one line per weight row, spread over the strips.
+                    for kk in next..(next + KB).min(g.k) {
+                        _mm_prefetch::<_MM_HINT_T1>(g.w.as_ptr().add(kk * g.n + c).cast());
+                    }
+                    let mut row = 0;
+                    while row < g.b {
+                        let rows = (g.b - row).min(4);
+                        match (rows, wide) {
+                            (4, true) => tile::<4, 2>(g, row, c, k0, kb, out),
+                            (3, true) => tile::<3, 2>(g, row, c, k0, kb, out),
+                            (2, true) => tile::<2, 2>(g, row, c, k0, kb, out),
+                            (1, true) => tile::<1, 2>(g, row, c, k0, kb, out),
+                            (4, false) => tile::<4, 1>(g, row, c, k0, kb, out),
+                            (3, false) => tile::<3, 1>(g, row, c, k0, kb, out),
+                            (2, false) => tile::<2, 1>(g, row, c, k0, kb, out),
+                            _ => tile::<1, 1>(g, row, c, k0, kb, out),
+                        }
+                        row += rows;
+                    }
+                    c += if wide { 16 } else { 8 };
+                }
+                k0 += kb;
+            }
+        }
+    }
+
+    /// `out[row..row+BB][col..col+8·NV] += x[·][k0..k0+kb] · w[k0..k0+kb][cols]` in registers.
+    #[inline(always)]
+    unsafe fn tile<const BB: usize, const NV: usize>(
+        g: Gemm<'_>,
+        row: usize,
+        col: usize,
+        k0: usize,
+        kb: usize,
+        out: *mut f32,
+    ) {
+        // SAFETY: see `kn`.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); NV]; BB];
+            for (b, acc_b) in acc.iter_mut().enumerate() {
+                for (v, a) in acc_b.iter_mut().enumerate() {
+                    *a = _mm256_loadu_ps(out.add((row + b) * g.n + col + 8 * v));
+                }
+            }
+            let x = g.x.as_ptr().add(row * g.k);
+            let w = g.w.as_ptr().add(col);
+            for kk in k0..k0 + kb {
+                let wr = w.add(kk * g.n);
+                let mut wv = [_mm256_setzero_ps(); NV];
+                for (v, slot) in wv.iter_mut().enumerate() {
+                    *slot = _mm256_loadu_ps(wr.add(8 * v));
+                }
+                for (b, acc_b) in acc.iter_mut().enumerate() {
+                    let xb = _mm256_broadcast_ss(&*x.add(b * g.k + kk));
+                    for v in 0..NV {
+                        acc_b[v] = _mm256_fmadd_ps(xb, wv[v], acc_b[v]);
+                    }
+                }
+            }
+            for (b, acc_b) in acc.iter().enumerate() {
+                for (v, &a) in acc_b.iter().enumerate() {
+                    _mm256_storeu_ps(out.add((row + b) * g.n + col + 8 * v), a);
+                }
             }
         }
     }
