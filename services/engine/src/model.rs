@@ -3,9 +3,10 @@
 //! struct has `load` and `forward`. Weights are immutable and shared; all per-sequence state is
 //! in [`KvCache`] and per-step buffers in [`Scratch`].
 //!
-//! One forward call runs any mix of sequences: a prefill chunk of `S` tokens for one, a single
-//! decode token for others. Their rows are stacked so every weight matrix is applied with one
-//! `sgemm` for the whole batch; only attention runs per sequence, against its own cache.
+//! One forward call runs either a prefill chunk of `S` tokens of one sequence, or a decode step
+//! of one token for each of several sequences. A decode step's rows are stacked so every weight
+//! matrix is streamed once for the whole batch; attention runs per sequence, against its own
+//! cache.
 
 use std::path::Path;
 
@@ -14,7 +15,8 @@ use ndarray::{Array2, ArrayD, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMu
 use crate::config::{Gpt2Config, ModelConfig};
 use crate::error::EngineError;
 use crate::kv_cache::KvCache;
-use crate::layers;
+use crate::layers::gemm::SMALL_M;
+use crate::layers::{self, Kernel};
 use crate::weights::{Param, Weights};
 
 /// `ln_1`, `ln_2`, `ln_f`.
@@ -56,8 +58,8 @@ impl Conv1D {
     }
 
     /// `x: (N, IN)` → `out: (N, OUT)`.
-    fn forward(&self, out: ArrayViewMut2<'_, f32>, x: ArrayView2<'_, f32>) {
-        layers::matmul(out, x, self.weight.view2(), self.bias.view1());
+    fn forward(&self, out: ArrayViewMut2<'_, f32>, x: ArrayView2<'_, f32>, kernel: Kernel) {
+        layers::matmul(out, x, self.weight.view2(), self.bias.view1(), kernel);
     }
 }
 
@@ -256,9 +258,11 @@ impl Gpt2 {
         KvCache::new(&self.cfg, capacity.min(self.cfg.n_ctx))
     }
 
-    /// Runs one step over `seqs` (see the module docs) and returns the logits of the rows
-    /// chosen by `which`, in sequence order. Each cache advances by its sequence's token count.
-    /// With `trace`, block 0's intermediates are recorded (one sequence only).
+    /// Runs one step over `seqs` and returns the logits of the rows chosen by `which`, in
+    /// sequence order. Each cache advances by its sequence's token count. A step is either a
+    /// decode step (one new token for each of up to [`SMALL_M`] sequences, computed by the
+    /// batch-invariant kernels) or a prefill chunk of one sequence (any length, `sgemm`); other
+    /// mixes are refused. With `trace`, block 0's intermediates are recorded (one sequence only).
     pub fn forward<'s>(
         &self,
         seqs: &mut [SeqStep<'_>],
@@ -290,6 +294,17 @@ impl Gpt2 {
         }
         let rows = s![..n, ..];
         let sc = &mut *scratch;
+        // Decode steps (one new token per sequence, rows of different sequences) take the
+        // batch-invariant kernel; a prefill chunk is one sequence's rows, so sgemm is safe.
+        let kernel = if seqs.iter().all(|s| s.tokens.len() == 1) && n <= SMALL_M {
+            Kernel::SmallBatch
+        } else if seqs.len() == 1 {
+            Kernel::Sgemm
+        } else {
+            return Err(EngineError::Internal(format!(
+                "a step mixes prefill rows of several sequences or has more than {SMALL_M} decode rows"
+            )));
+        };
 
         // 1. encoder: x = wte[tokens] + wpe[positions]
         layers::encoder(
@@ -304,7 +319,7 @@ impl Gpt2 {
             // 2. ln_1
             block.ln_1.forward(sc.ln.slice_mut(rows), sc.x.slice(rows));
             // 3. c_attn → Q, K, V
-            block.attn.c_attn.forward(sc.qkv.slice_mut(rows), sc.ln.slice(rows));
+            block.attn.c_attn.forward(sc.qkv.slice_mut(rows), sc.ln.slice(rows), kernel);
             if let Some(t) = tr.as_deref_mut() {
                 let c = cfg.n_embd;
                 t.record("ln1", sc.ln.slice(rows).to_owned().into_dyn());
@@ -315,16 +330,16 @@ impl Gpt2 {
             // 4. attention, per sequence against its own cache
             self.attention(l, seqs, sc, tr.as_deref_mut())?;
             // 5. c_proj, 6. residual
-            block.attn.c_proj.forward(sc.proj.slice_mut(rows), sc.atty.slice(rows));
+            block.attn.c_proj.forward(sc.proj.slice_mut(rows), sc.atty.slice(rows), kernel);
             layers::residual(sc.x.slice_mut(rows), sc.proj.slice(rows));
             if let Some(t) = tr.as_deref_mut() {
                 t.record("attn_out", sc.proj.slice(rows).to_owned().into_dyn());
             }
             // 7. ln_2, 8. c_fc, 9. gelu, 10. c_proj + residual
             block.ln_2.forward(sc.ln.slice_mut(rows), sc.x.slice(rows));
-            block.mlp.c_fc.forward(sc.fch.slice_mut(rows), sc.ln.slice(rows));
+            block.mlp.c_fc.forward(sc.fch.slice_mut(rows), sc.ln.slice(rows), kernel);
             layers::gelu(sc.fch.slice_mut(rows));
-            block.mlp.c_proj.forward(sc.proj.slice_mut(rows), sc.fch.slice(rows));
+            block.mlp.c_proj.forward(sc.proj.slice_mut(rows), sc.fch.slice(rows), kernel);
             layers::residual(sc.x.slice_mut(rows), sc.proj.slice(rows));
             if let Some(t) = tr {
                 t.record("mlp_in", sc.ln.slice(rows).to_owned().into_dyn());

@@ -387,31 +387,58 @@ impl Scheduler {
         }
     }
 
-    /// One chunk of the oldest prefilling sequence, alone in its forward call.
+    /// Prefill chunks of prefilling sequences, oldest first, each alone in its forward call
+    /// (so how a prompt is cut never depends on other requests). The first chunk always runs;
+    /// more run while their tokens fit in a budget of `prefill_chunk` tokens, so several short
+    /// prompts arriving together all get their first token before the next decode step, while
+    /// running streams never wait for more than one chunk's worth of prompt.
     fn prefill_step(&mut self) {
-        let Some(i) =
-            self.running.iter().position(|e| e.seq.as_ref().is_some_and(Sequence::is_prefilling))
-        else {
-            return;
-        };
         let chunk = self.config.prefill_chunk;
-        let e = &mut self.running[i];
-        let Some(seq) = e.seq.as_mut() else { return };
-        let result = self.model.forward(
-            &mut [seq.step(chunk)],
-            &mut self.scratch,
-            LogitsFor::LastOfEach,
-            None,
-        );
-        let event = match result {
-            Ok(logits) => seq.accept(logits.row(0)),
-            Err(err) => {
-                self.fail(i, &err);
-                return;
+        let mut budget = chunk;
+        let mut first = true;
+        let mut i = 0;
+        while i < self.running.len() {
+            let remaining = match self.running[i].seq.as_ref() {
+                Some(seq) if seq.is_prefilling() => seq.prompt_remaining(),
+                _ => {
+                    i += 1;
+                    continue;
+                }
+            };
+            let tokens = remaining.min(chunk);
+            if !first && tokens > budget {
+                break;
             }
-        };
-        if let Some(event) = event {
-            self.deliver(i, event);
+            first = false;
+            budget = budget.saturating_sub(tokens);
+            let Some(seq) = self.running[i].seq.as_mut() else { break };
+            let result = self.model.forward(
+                &mut [seq.step(chunk)],
+                &mut self.scratch,
+                LogitsFor::LastOfEach,
+                None,
+            );
+            let event = match result {
+                Ok(logits) => seq.accept(logits.row(0)),
+                Err(err) => {
+                    self.fail(i, &err);
+                    continue;
+                }
+            };
+            match event {
+                // `deliver` may remove entry `i` (its last token); the next one moves up.
+                Some(event) => {
+                    let before = self.running.len();
+                    self.deliver(i, event);
+                    if self.running.len() == before {
+                        i += 1;
+                    }
+                }
+                None => i += 1,
+            }
+            if budget == 0 {
+                break;
+            }
         }
     }
 
@@ -436,7 +463,8 @@ impl Scheduler {
         self.stats.decode_steps.fetch_add(1, Ordering::Relaxed);
         match result {
             Ok(logits) => {
-                // Deliver in reverse so removals do not shift the indexes still to visit.
+                // Deliver in reverse so removals do not shift the indexes still to visit (entries
+                // are removed in place, keeping the running set in arrival order).
                 for (row, &i) in idx.iter().enumerate().rev() {
                     let event =
                         self.running[i].seq.as_mut().and_then(|s| s.accept(logits.row(row)));
@@ -461,16 +489,16 @@ impl Scheduler {
         let finish = event.finish;
         let sent = e.job.events.try_send(Event::Token(event)).is_ok();
         if let Some(reason) = finish {
-            let e = self.running.swap_remove(i);
+            let e = self.running.remove(i);
             self.finish(e, reason);
         } else if !sent {
-            let e = self.running.swap_remove(i);
+            let e = self.running.remove(i);
             self.finish(e, FinishReason::Cancelled);
         }
     }
 
     fn fail(&mut self, i: usize, err: &EngineError) {
-        let e = self.running.swap_remove(i);
+        let e = self.running.remove(i);
         tracing::error!(request_id = %e.id(), error = %err, "forward pass failed");
         let _ = e.job.events.try_send(Event::Error("inference failed".into()));
         if let Some(seq) = e.seq {

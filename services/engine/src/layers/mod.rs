@@ -58,30 +58,42 @@ pub fn layernorm(
     }
 }
 
-/// Conv1D: `x: (N, IN), w: (IN, OUT), b: (OUT)` → `out: (N, OUT) = x·w + b`. Up to
-/// [`gemm::SMALL_M`] rows (decode steps, short prompts) the batch-invariant kernel streams the
-/// weights once for all rows; more rows (prefill chunks) go to OpenBLAS `sgemm`.
+/// Which kernel a product uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// The batch-invariant small-batch kernel ([`gemm`]): decode steps, whose rows belong to
+    /// different sequences. At most [`gemm::SMALL_M`] rows.
+    SmallBatch,
+    /// OpenBLAS `sgemm`: prefill chunks, whose rows all belong to one sequence.
+    Sgemm,
+}
+
+/// Conv1D: `x: (N, IN), w: (IN, OUT), b: (OUT)` → `out: (N, OUT) = x·w + b`, by `kernel`.
 pub fn matmul(
     mut out: ArrayViewMut2<'_, f32>,
     x: ArrayView2<'_, f32>,
     w: ArrayView2<'_, f32>,
     b: ArrayView1<'_, f32>,
+    kernel: Kernel,
 ) {
     let (n, k) = x.dim();
-    if n <= gemm::SMALL_M {
-        let g = gemm::Gemm {
-            x: x.as_slice().expect("activation rows are contiguous"),
-            w: w.as_slice().expect("weights are contiguous"),
-            bias: Some(b.as_slice().expect("bias is contiguous")),
-            b: n,
-            k,
-            n: w.ncols(),
-        };
-        gemm::run(g, gemm::Layout::KN, out.as_slice_mut().expect("output rows are contiguous"));
-    } else {
-        let dim = out.raw_dim();
-        out.assign(&b.broadcast(dim).expect("bias matches the output width"));
-        general_mat_mul(1.0, &x, &w, 1.0, &mut out);
+    match kernel {
+        Kernel::SmallBatch => {
+            let g = gemm::Gemm {
+                x: x.as_slice().expect("activation rows are contiguous"),
+                w: w.as_slice().expect("weights are contiguous"),
+                bias: Some(b.as_slice().expect("bias is contiguous")),
+                b: n,
+                k,
+                n: w.ncols(),
+            };
+            gemm::run(g, gemm::Layout::KN, out.as_slice_mut().expect("output rows are contiguous"));
+        }
+        Kernel::Sgemm => {
+            let dim = out.raw_dim();
+            out.assign(&b.broadcast(dim).expect("bias matches the output width"));
+            general_mat_mul(1.0, &x, &w, 1.0, &mut out);
+        }
     }
 }
 

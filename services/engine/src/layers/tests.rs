@@ -45,9 +45,11 @@ fn matmul_matches_the_loop_version_for_one_and_many_rows() {
     let b = filled((1, 72), 5, 0.5).row(0).to_owned();
     for n in [1, 2, 7] {
         let x = filled((n, 40), 6 + n as u64, 1.0);
-        let mut out = Array2::zeros((n, 72));
-        matmul(out.view_mut(), x.view(), w.view(), b.view());
-        assert_close(&out, &naive::matmul(x.view(), w.view(), Some(b.view())), 1e-5);
+        for kernel in [Kernel::SmallBatch, Kernel::Sgemm] {
+            let mut out = Array2::zeros((n, 72));
+            matmul(out.view_mut(), x.view(), w.view(), b.view(), kernel);
+            assert_close(&out, &naive::matmul(x.view(), w.view(), Some(b.view())), 1e-5);
+        }
     }
 }
 
