@@ -3,7 +3,7 @@
 //! Why not OpenBLAS here: `sgemm` packs the whole weight matrix on every call, and for a few
 //! rows the packing costs more than the product. Measured on the 2-core CI machine, gpt2-small's
 //! 48 block matrices: 4 rows by `sgemm` 59 ms per step against 16 ms for one row by `sgemv`
-//! (examples are in docs/PERFORMANCE.md). These kernels stream each weight once for all rows.
+//! (docs/PERFORMANCE.md). These kernels stream each weight once for all rows.
 //!
 //! Why a fixed accumulation order: each output element is `acc = fma(x[k], w[k], acc)` over
 //! `k` in order (then the bias), whatever the number of rows, the tile that computes it or the

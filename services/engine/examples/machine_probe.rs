@@ -1,0 +1,65 @@
+//! What this machine can do at best, for reading the engine's numbers: OpenBLAS `sgemm`
+//! GFLOP/s (the ceiling of prefill) and streaming read bandwidth (the ceiling of decode, which
+//! reads every weight once per step). Prints one JSON object.
+//!
+//! `cargo run --release -p llorch-engine --example machine_probe -- [threads]`
+
+use std::time::Instant;
+
+use ndarray::Array2;
+use ndarray::linalg::general_mat_mul;
+
+fn sgemm_gflops(m: usize, k: usize, n: usize) -> f64 {
+    let a = Array2::<f32>::from_elem((m, k), 0.5);
+    let b = Array2::<f32>::from_elem((k, n), 0.25);
+    let mut c = Array2::<f32>::zeros((m, n));
+    general_mat_mul(1.0, &a, &b, 0.0, &mut c);
+    let reps = 10;
+    let t = Instant::now();
+    for _ in 0..reps {
+        general_mat_mul(1.0, &a, &b, 0.0, &mut c);
+    }
+    2.0 * (m * k * n) as f64 * reps as f64 / t.elapsed().as_secs_f64() / 1e9
+}
+
+/// Sums a 512 MiB buffer with `threads` threads, best of three; GB/s.
+fn read_gbps(buf: &[f32], threads: usize) -> f64 {
+    let mut best = 0.0f64;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let total: f32 = std::thread::scope(|s| {
+            let handles: Vec<_> = buf
+                .chunks(buf.len().div_ceil(threads))
+                .map(|part| {
+                    s.spawn(move || {
+                        let mut lanes = [0.0f32; 16];
+                        for chunk in part.chunks_exact(16) {
+                            for (l, v) in lanes.iter_mut().zip(chunk) {
+                                *l += v;
+                            }
+                        }
+                        lanes.iter().sum::<f32>()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
+        });
+        std::hint::black_box(total);
+        best = best.max(std::mem::size_of_val(buf) as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}
+
+fn main() {
+    let threads: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(2);
+    llorch_engine::threads::set_threads(threads);
+    let buf = vec![1.0f32; 128 << 20];
+    let report = serde_json::json!({
+        "threads": threads,
+        "sgemm_gflops_256x768x2304": sgemm_gflops(256, 768, 2304),
+        "sgemm_gflops_1024_cubed": sgemm_gflops(1024, 1024, 1024),
+        "read_gbps_1_thread": read_gbps(&buf, 1),
+        "read_gbps_threads": read_gbps(&buf, threads),
+    });
+    println!("{report}");
+}
