@@ -85,6 +85,9 @@ pub struct Job {
     pub events: tmpsc::Sender<Event>,
     /// When it must be finished (from `grpc-timeout`).
     pub deadline: Option<Instant>,
+    /// The request's span; the scheduler opens its phase spans (`queue`, `prefill`, `decode`)
+    /// under it.
+    pub span: tracing::Span,
 }
 
 enum Command {
@@ -220,11 +223,25 @@ struct Entry {
     started: Option<Instant>,
     first_token: Option<Instant>,
     seq: Option<Sequence>,
+    /// The span of the phase the request is in; replaced at each phase change, closed at the
+    /// end, so each phase's span lasts exactly as long as the phase.
+    phase: tracing::Span,
 }
 
 impl Entry {
     fn id(&self) -> &str {
         &self.job.req.request_id
+    }
+
+    fn enter_phase(&mut self, name: &'static str) {
+        self.phase = match name {
+            "prefill" => {
+                tracing::info_span!(parent: &self.job.span, "prefill", prompt_tokens = self.job.req.prompt.len())
+            }
+            _ => {
+                tracing::info_span!(parent: &self.job.span, "decode", generated_tokens = tracing::field::Empty)
+            }
+        };
     }
 }
 
@@ -306,12 +323,14 @@ impl Scheduler {
             match cmd {
                 Command::Submit(job, at) => {
                     tracing::debug!(request_id = %job.req.request_id, "queued");
+                    let phase = tracing::info_span!(parent: &job.span, "queue");
                     self.waiting.push_back(Entry {
                         job,
                         admitted: at,
                         started: None,
                         first_token: None,
                         seq: None,
+                        phase,
                     });
                 }
                 Command::Abort(ids, reply) => {
@@ -373,6 +392,7 @@ impl Scheduler {
                 Ok(seq) => {
                     e.seq = Some(seq);
                     e.started = Some(Instant::now());
+                    e.enter_phase("prefill");
                     self.stats.caches_in_use.fetch_add(1, Ordering::SeqCst);
                     self.running.push(e);
                 }
@@ -485,7 +505,10 @@ impl Scheduler {
     /// is gone.
     fn deliver(&mut self, i: usize, event: TokenEvent) {
         let e = &mut self.running[i];
-        e.first_token.get_or_insert_with(Instant::now);
+        if e.first_token.is_none() {
+            e.first_token = Some(Instant::now());
+            e.enter_phase("decode");
+        }
         let finish = event.finish;
         let sent = e.job.events.try_send(Event::Token(event)).is_ok();
         if let Some(reason) = finish {
@@ -517,6 +540,7 @@ impl Scheduler {
             decode: now.saturating_duration_since(first),
         };
         let generated = e.seq.as_ref().map_or(0, Sequence::generated);
+        e.phase.record("generated_tokens", generated);
         let finished = Finished {
             reason,
             prompt_tokens: e.job.req.prompt.len(),
@@ -524,6 +548,7 @@ impl Scheduler {
             seed: e.job.req.sampling.seed,
             timings,
         };
+        let _request = e.job.span.enter();
         tracing::info!(
             request_id = %e.id(),
             reason = reason.as_str(),

@@ -124,7 +124,12 @@ type GenerateStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Sta
 impl Engine for EngineService {
     type GenerateStream = GenerateStream;
 
-    #[tracing::instrument(skip_all, fields(request_id, prompt_tokens = request.get_ref().prompt_ids.len()))]
+    #[tracing::instrument(skip_all, fields(
+        request_id,
+        prompt_tokens = request.get_ref().prompt_ids.len(),
+        traceparent = request.metadata().get("traceparent").and_then(|v| v.to_str().ok()),
+        correlation_id = request.metadata().get("x-correlation-id").and_then(|v| v.to_str().ok()),
+    ))]
     async fn generate(
         &self,
         request: Request<pb::GenerateRequest>,
@@ -137,7 +142,8 @@ impl Engine for EngineService {
         let req = validate(request.into_inner(), engine.model.config(), self.max_new_tokens_limit)?;
         tracing::Span::current().record("request_id", req.request_id.as_str());
         let (tx, rx) = tokio::sync::mpsc::channel(req.stopping.max_new_tokens + 2);
-        engine.scheduler.submit(Job { req, events: tx, deadline })?;
+        let span = tracing::Span::current();
+        engine.scheduler.submit(Job { req, events: tx, deadline, span })?;
         Ok(Response::new(Box::pin(response_stream(rx))))
     }
 

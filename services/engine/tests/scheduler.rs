@@ -1,0 +1,107 @@
+//! The scheduler without the network: exact step-level guarantees.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use llorch_engine::Gpt2;
+use llorch_engine::request::{Stopping, ValidRequest};
+use llorch_engine::sampling::SamplingParams;
+use llorch_engine::scheduler::{self, Event, Job, SchedulerConfig, SchedulerHandle};
+
+fn model() -> Arc<Gpt2> {
+    Arc::new(
+        Gpt2::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/default"))
+            .unwrap(),
+    )
+}
+
+fn job(id: &str, max_new: usize) -> (Job, tokio::sync::mpsc::Receiver<Event>) {
+    let (events, rx) = tokio::sync::mpsc::channel(max_new + 2);
+    let req = ValidRequest {
+        request_id: id.into(),
+        prompt: vec![15496, 13],
+        sampling: SamplingParams::greedy(),
+        stopping: Stopping {
+            max_new_tokens: max_new,
+            stop_token_ids: vec![],
+            ignore_eos: true,
+            eos_token_id: 50256,
+        },
+        logprobs: false,
+        top_logprobs: 0,
+    };
+    (Job { req, events, deadline: None, span: tracing::Span::none() }, rx)
+}
+
+fn wait(handle: &SchedulerHandle, what: &str, pred: impl Fn(&SchedulerHandle) -> bool) {
+    let until = Instant::now() + Duration::from_secs(10);
+    while !pred(handle) {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+#[test]
+fn a_closed_channel_frees_its_sequence_within_one_decode_step() {
+    let (handle, thread) = scheduler::spawn(
+        model(),
+        SchedulerConfig { max_batch: 4, max_queue: 4, prefill_chunk: 256 },
+    )
+    .unwrap();
+    let (a, mut rx_a) = job("a", 1000);
+    let (b, mut rx_b) = job("b", 1000);
+    handle.submit(a).unwrap();
+    handle.submit(b).unwrap();
+    assert!(matches!(rx_a.blocking_recv(), Some(Event::Token(_))));
+    assert!(matches!(rx_b.blocking_recv(), Some(Event::Token(_))));
+    wait(&handle, "two running", |h| h.stats().running.load(Ordering::SeqCst) == 2);
+
+    let before = handle.stats().decode_steps.load(Ordering::SeqCst);
+    drop(rx_b);
+    wait(&handle, "b freed", |h| h.stats().running.load(Ordering::SeqCst) == 1);
+    let after = handle.stats().decode_steps.load(Ordering::SeqCst);
+    // The step in progress when the channel closed may finish; the next one reaps first.
+    // (The running count is published after that next step, hence +2.)
+    assert!(after <= before + 2, "freed after {} decode steps", after - before);
+    assert_eq!(handle.stats().caches_in_use.load(Ordering::SeqCst), 1);
+    assert_eq!(handle.stats().finished().get("CANCELLED"), Some(&1));
+
+    drop(rx_a);
+    wait(&handle, "idle", |h| h.stats().running.load(Ordering::SeqCst) == 0);
+    handle.stop();
+    thread.join().unwrap();
+}
+
+#[test]
+fn finished_streams_return_their_cache_and_end_with_finished() {
+    let (handle, thread) = scheduler::spawn(
+        model(),
+        SchedulerConfig { max_batch: 2, max_queue: 8, prefill_chunk: 256 },
+    )
+    .unwrap();
+    let mut rxs = Vec::new();
+    for i in 0..5 {
+        let (j, rx) = job(&format!("j{i}"), 3 + i);
+        handle.submit(j).unwrap();
+        rxs.push(rx);
+    }
+    for (i, mut rx) in rxs.into_iter().enumerate() {
+        let mut tokens = 0;
+        loop {
+            match rx.blocking_recv() {
+                Some(Event::Token(_)) => tokens += 1,
+                Some(Event::Finished(f)) => {
+                    assert_eq!((f.generated_tokens, tokens), (3 + i, 3 + i));
+                    break;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(rx.blocking_recv().is_none(), "nothing after Finished");
+    }
+    wait(&handle, "idle", |h| h.stats().running.load(Ordering::SeqCst) == 0);
+    assert_eq!(handle.stats().caches_in_use.load(Ordering::SeqCst), 0);
+    handle.stop();
+    thread.join().unwrap();
+}
