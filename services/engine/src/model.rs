@@ -3,10 +3,10 @@
 //! struct has `load` and `forward`. Weights are immutable and shared; all per-sequence state is
 //! in [`KvCache`] and per-step buffers in [`Scratch`].
 //!
-//! One forward call runs either a prefill chunk of `S` tokens of one sequence, or a decode step
-//! of one token for each of several sequences. A decode step's rows are stacked so every weight
-//! matrix is streamed once for the whole batch; attention runs per sequence, against its own
-//! cache.
+//! One forward call runs either prefill chunks (`S ≥ 2` tokens each) of one or more sequences,
+//! or a decode step of one token for each of several sequences. The rows of all sequences are
+//! stacked so every weight matrix is streamed once for the whole step; attention runs per
+//! sequence, against its own cache.
 
 use std::path::Path;
 
@@ -194,6 +194,9 @@ pub struct Gpt2 {
     /// An untied LM head, when the checkpoint has `lm_head.weight`; otherwise `wte` is used.
     lm_head: Option<Param>,
     dtype: String,
+    /// Whether prefill chunks of several sequences may share a forward call (see
+    /// [`layers::sgemm_rows_invariant`]).
+    mixed_prefill: bool,
 }
 
 impl Gpt2 {
@@ -206,9 +209,21 @@ impl Gpt2 {
 
     /// Builds the model from checked weights.
     pub fn from_weights(cfg: ModelConfig, mut w: Weights) -> Result<Self, EngineError> {
-        let h =
+        let h: Vec<Block> =
             (0..cfg.n_layer).map(|i| Block::load(&mut w, i, cfg.eps)).collect::<Result<_, _>>()?;
+        let mixed_prefill = h.first().is_none_or(|b| {
+            [&b.attn.c_attn, &b.attn.c_proj, &b.mlp.c_fc, &b.mlp.c_proj]
+                .iter()
+                .all(|c| layers::sgemm_rows_invariant(c.weight.view2()))
+        });
+        if !mixed_prefill {
+            tracing::warn!(
+                "this BLAS does not compute sgemm rows independently of the batch; prefill chunks \
+                 of different requests run one at a time"
+            );
+        }
         Ok(Self {
+            mixed_prefill,
             wte: w.take("wte.weight")?,
             wpe: w.take("wpe.weight")?,
             h,
@@ -217,6 +232,12 @@ impl Gpt2 {
             dtype: w.dtype.clone(),
             cfg,
         })
+    }
+
+    /// Whether [`Gpt2::forward`] accepts prefill chunks of several sequences in one step: true
+    /// when `sgemm` was found to compute each row independently of the others in the call.
+    pub fn mixed_prefill(&self) -> bool {
+        self.mixed_prefill
     }
 
     /// The validated shape.
@@ -261,8 +282,10 @@ impl Gpt2 {
     /// Runs one step over `seqs` and returns the logits of the rows chosen by `which`, in
     /// sequence order. Each cache advances by its sequence's token count. A step is either a
     /// decode step (one new token for each of up to [`SMALL_M`] sequences, computed by the
-    /// batch-invariant kernels) or a prefill chunk of one sequence (any length, `sgemm`); other
-    /// mixes are refused. With `trace`, block 0's intermediates are recorded (one sequence only).
+    /// batch-invariant kernels), a prefill chunk of one sequence (any length, `sgemm`), or —
+    /// when [`Gpt2::mixed_prefill`] holds — prefill chunks of two or more tokens each of several
+    /// sequences (`sgemm`); other mixes are refused, as each row's kernel must not depend on
+    /// the other rows of the step. With `trace`, block 0's intermediates are recorded (one sequence only).
     pub fn forward<'s>(
         &self,
         seqs: &mut [SeqStep<'_>],
@@ -294,15 +317,20 @@ impl Gpt2 {
         }
         let rows = s![..n, ..];
         let sc = &mut *scratch;
-        // Decode steps (one new token per sequence, rows of different sequences) take the
-        // batch-invariant kernel; a prefill chunk is one sequence's rows, so sgemm is safe.
+        // Decode steps (one new token per sequence) take the batch-invariant kernel; prefill
+        // chunks take sgemm, shared by several sequences only where its rows were checked to be
+        // independent of each other.
         let kernel = if seqs.iter().all(|s| s.tokens.len() == 1) && n <= SMALL_M {
             Kernel::SmallBatch
-        } else if seqs.len() == 1 {
+        } else if seqs.len() == 1
+            || (self.mixed_prefill && seqs.iter().all(|s| s.tokens.len() >= 2))
+        {
             Kernel::Sgemm
         } else {
             return Err(EngineError::Internal(format!(
-                "a step mixes prefill rows of several sequences or has more than {SMALL_M} decode rows"
+                "a step mixes single-token and prefill rows, mixes prefill rows of several \
+                 sequences on a BLAS that is not row-invariant, or has more than {SMALL_M} \
+                 decode rows"
             )));
         };
 

@@ -7,13 +7,14 @@
 //! 2. ends every job whose client went away (its event channel is closed), whose deadline
 //!    passed, or that was aborted, wherever it is; its cache goes back to the pool;
 //! 3. admits waiting jobs while fewer than `max_batch` run;
-//! 4. runs one prefill chunk of one prefilling sequence (its own forward call, so the chunking
-//!    of a prompt never depends on the other requests);
+//! 4. runs prefill chunks of prefilling sequences within a budget of one chunk's tokens (a
+//!    prompt is always cut the same way, whatever the other requests; chunks of several
+//!    sequences share a forward call only where `sgemm` rows are batch-invariant);
 //! 5. runs one batched decode step for every sequence past its prompt, samples each with its
 //!    own RNG and sends each its event.
 //!
-//! Decode steps use the batch-invariant kernels, so a stream's tokens do not depend on which
-//! other streams share its steps.
+//! Decode steps use the batch-invariant kernels and shared prefill steps a row-invariant
+//! `sgemm`, so a stream's tokens do not depend on which other streams share its steps.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -407,59 +408,89 @@ impl Scheduler {
         }
     }
 
-    /// Prefill chunks of prefilling sequences, oldest first, each alone in its forward call
-    /// (so how a prompt is cut never depends on other requests). The first chunk always runs;
-    /// more run while their tokens fit in a budget of `prefill_chunk` tokens, so several short
-    /// prompts arriving together all get their first token before the next decode step, while
-    /// running streams never wait for more than one chunk's worth of prompt.
+    /// Prefill chunks of prefilling sequences, oldest first. Each prompt is cut into chunks of
+    /// `prefill_chunk` tokens whatever else runs. The first chunk always runs; more run while
+    /// their tokens fit in a budget of `prefill_chunk` tokens, so several short prompts
+    /// arriving together all get their first token before the next decode step, while running
+    /// streams never wait for more than one chunk's worth of prompt. Chunks of two or more
+    /// tokens share one forward call (one `sgemm` per weight matrix) when the model allows it
+    /// ([`Gpt2::mixed_prefill`]); single-token chunks, whose rows take the other kernel, run
+    /// alone.
     fn prefill_step(&mut self) {
         let chunk = self.config.prefill_chunk;
         let mut budget = chunk;
-        let mut first = true;
-        let mut i = 0;
-        while i < self.running.len() {
-            let remaining = match self.running[i].seq.as_ref() {
-                Some(seq) if seq.is_prefilling() => seq.prompt_remaining(),
-                _ => {
-                    i += 1;
-                    continue;
-                }
-            };
-            let tokens = remaining.min(chunk);
-            if !first && tokens > budget {
+        let mut plan = Vec::new();
+        for (i, e) in self.running.iter().enumerate() {
+            let Some(seq) = e.seq.as_ref().filter(|s| s.is_prefilling()) else { continue };
+            let tokens = seq.prompt_remaining().min(chunk);
+            if !plan.is_empty() && tokens > budget {
                 break;
             }
-            first = false;
             budget = budget.saturating_sub(tokens);
-            let Some(seq) = self.running[i].seq.as_mut() else { break };
-            let result = self.model.forward(
-                &mut [seq.step(chunk)],
-                &mut self.scratch,
-                LogitsFor::LastOfEach,
-                None,
-            );
-            let event = match result {
-                Ok(logits) => seq.accept(logits.row(0)),
-                Err(err) => {
-                    self.fail(i, &err);
-                    continue;
-                }
-            };
-            match event {
-                // `deliver` may remove entry `i` (its last token); the next one moves up.
-                Some(event) => {
-                    let before = self.running.len();
-                    self.deliver(i, event);
-                    if self.running.len() == before {
-                        i += 1;
-                    }
-                }
-                None => i += 1,
-            }
+            plan.push((i, tokens));
             if budget == 0 {
                 break;
             }
         }
+        // Groups of original indexes, each one forward call, oldest first.
+        let mixed = self.model.mixed_prefill();
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        let mut shared: Option<usize> = None;
+        for (i, tokens) in plan {
+            match shared {
+                Some(g) if mixed && tokens >= 2 => groups[g].push(i),
+                _ => {
+                    if mixed && tokens >= 2 {
+                        shared = Some(groups.len());
+                    }
+                    groups.push(vec![i]);
+                }
+            }
+        }
+        let mut ended: Vec<usize> = Vec::new();
+        for group in groups {
+            // Entries that ended in earlier groups shift the later indexes down.
+            let now: Vec<usize> =
+                group.iter().map(|&i| i - ended.iter().filter(|&&r| r < i).count()).collect();
+            let done = self.prefill_group(&now);
+            ended.extend(group.iter().zip(done).filter(|(_, d)| *d).map(|(&i, _)| i));
+        }
+    }
+
+    /// One forward call over the prefill chunks of running entries `group` (ascending), then
+    /// each gets its outcome. Says, for each, whether it ended (and left the running set).
+    fn prefill_group(&mut self, group: &[usize]) -> Vec<bool> {
+        let chunk = self.config.prefill_chunk;
+        let mut steps = Vec::with_capacity(group.len());
+        for (i, e) in self.running.iter_mut().enumerate() {
+            if group.contains(&i)
+                && let Some(seq) = e.seq.as_mut()
+            {
+                steps.push(seq.step(chunk));
+            }
+        }
+        let result = self
+            .model
+            .forward(&mut steps, &mut self.scratch, LogitsFor::LastOfEach, None)
+            .map(|l| l.to_owned());
+        drop(steps);
+        let mut ended = vec![false; group.len()];
+        // In reverse, so removals do not shift the indexes still to visit.
+        for (row, &i) in group.iter().enumerate().rev() {
+            let before = self.running.len();
+            match &result {
+                Ok(logits) => {
+                    let event =
+                        self.running[i].seq.as_mut().and_then(|s| s.accept(logits.row(row)));
+                    if let Some(event) = event {
+                        self.deliver(i, event);
+                    }
+                }
+                Err(err) => self.fail(i, err),
+            }
+            ended[row] = self.running.len() < before;
+        }
+        ended
     }
 
     /// One batched decode step over every sequence past its prompt.

@@ -95,6 +95,69 @@ fn batched_decode_equals_one_at_a_time_bitwise_at_different_positions() {
     }
 }
 
+/// Prefill chunks of several sequences in one step give each sequence bitwise the logits
+/// and cache it gets alone, and a step the model cannot run that way is refused.
+#[test]
+fn shared_prefill_step_equals_prefill_alone_bitwise() {
+    for (_, dir) in models() {
+        let model = Gpt2::load(&dir).unwrap();
+        assert!(model.mixed_prefill(), "sgemm rows are batch-invariant on this machine");
+        let prompts: Vec<Vec<u32>> =
+            vec![vec![15496, 13], vec![464, 2068, 7586, 21831, 18045], vec![50, 60, 70]];
+        let mut scratch = Scratch::default();
+        let mut alone: Vec<(KvCache, Vec<f32>)> = prompts
+            .iter()
+            .map(|p| {
+                let mut cache = model.new_cache(16);
+                let logits = model
+                    .forward(
+                        &mut [SeqStep { tokens: p, cache: &mut cache }],
+                        &mut scratch,
+                        LogitsFor::LastOfEach,
+                        None,
+                    )
+                    .unwrap()
+                    .row(0)
+                    .to_vec();
+                (cache, logits)
+            })
+            .collect();
+        let mut caches: Vec<KvCache> = prompts.iter().map(|_| model.new_cache(16)).collect();
+        let mut steps: Vec<SeqStep<'_>> = prompts
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(p, cache)| SeqStep { tokens: p, cache })
+            .collect();
+        let shared = model
+            .forward(&mut steps, &mut scratch, LogitsFor::LastOfEach, None)
+            .unwrap()
+            .to_owned();
+        drop(steps);
+        for (i, (cache, logits)) in alone.iter_mut().enumerate() {
+            assert_eq!(shared.row(i).to_vec(), *logits, "{} prompt {i}", dir.display());
+            // Both caches continue identically.
+            let mut a = [SeqStep { tokens: &[11], cache }];
+            let la = model
+                .forward(&mut a, &mut scratch, LogitsFor::LastOfEach, None)
+                .unwrap()
+                .to_owned();
+            let mut b = [SeqStep { tokens: &[11], cache: &mut caches[i] }];
+            let lb = model
+                .forward(&mut b, &mut scratch, LogitsFor::LastOfEach, None)
+                .unwrap()
+                .to_owned();
+            assert_eq!(la, lb, "{} prompt {i} after prefill", dir.display());
+        }
+
+        // A single-token chunk (the small-batch kernel) cannot share a step with prefill rows.
+        let (mut c1, mut c2) = (model.new_cache(8), model.new_cache(8));
+        let mut mixed =
+            [SeqStep { tokens: &[1], cache: &mut c1 }, SeqStep { tokens: &[2, 3], cache: &mut c2 }];
+        let err = model.forward(&mut mixed, &mut scratch, LogitsFor::LastOfEach, None).unwrap_err();
+        assert!(err.to_string().contains("single-token"), "{err}");
+    }
+}
+
 #[test]
 fn chunked_prefill_matches_one_shot_prefill() {
     for (name, dir) in models() {

@@ -97,6 +97,32 @@ pub fn matmul(
     }
 }
 
+/// Whether OpenBLAS `sgemm` gives each row of `x·w` bitwise the same result whatever other
+/// rows share the call (for calls of two rows or more). Prefill chunks of several sequences may
+/// share one call only when this holds, so that batching never changes a stream's tokens.
+/// OpenBLAS does not promise it, so the engine checks it at load time on the model's own
+/// weight shapes: products of 2, 3 and 4 rows against the same rows inside one 9-row call.
+pub fn sgemm_rows_invariant(w: ArrayView2<'_, f32>) -> bool {
+    let k = w.nrows();
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let x = ndarray::Array2::from_shape_fn((9, k), |_| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    });
+    let product = |rows: std::ops::Range<usize>| {
+        let mut out = ndarray::Array2::<f32>::zeros((rows.len(), w.ncols()));
+        general_mat_mul(1.0, &x.slice(s![rows, ..]), &w, 0.0, &mut out);
+        out
+    };
+    let all = product(0..9);
+    [0..2, 2..5, 5..9, 3..5].into_iter().all(|rows| {
+        let part = product(rows.clone());
+        part.iter().zip(all.slice(s![rows, ..]).iter()).all(|(a, b)| a.to_bits() == b.to_bits())
+    })
+}
+
 /// The LM head: `x: (N, C), wte: (V, C)` → `out: (N, V) = x·wteᵀ` (no bias). Always the
 /// batch-invariant kernel: the logits of a row are bitwise the same whether it is computed
 /// alone, in a decode batch or among all rows of a prompt (checkpoint 9).
