@@ -16,6 +16,7 @@ pub mod naive;
 
 use ndarray::linalg::general_mat_mul;
 use ndarray::{ArrayView1, ArrayView2, ArrayViewMut2, Axis, s};
+use rayon::prelude::*;
 
 /// `√(2/π)`, the constant of the tanh GELU.
 const GELU_SCALE: f32 = 0.797_884_6;
@@ -228,16 +229,26 @@ pub fn attention(
         let v_h = v.slice(s![.., cols.clone()]);
         // scores = q·kᵀ·scale
         general_mat_mul(scale, &q_h, &k_h.t(), 0.0, &mut att);
-        for (i, mut row) in att.axis_iter_mut(Axis(0)).enumerate() {
-            // Query i sits at position start + i; later keys are masked.
-            row.slice_mut(s![start + i + 1..]).fill(f32::NEG_INFINITY);
-        }
         if let Some(dst) = scores_out.as_mut() {
-            dst.slice_mut(s![h * s_len..(h + 1) * s_len, ..]).assign(&att);
+            let mut dst = dst.slice_mut(s![h * s_len..(h + 1) * s_len, ..]);
+            dst.assign(&att);
+            for (i, mut row) in dst.axis_iter_mut(Axis(0)).enumerate() {
+                // Query i sits at position start + i; later keys are masked.
+                row.slice_mut(s![start + i + 1..]).fill(f32::NEG_INFINITY);
+            }
         }
-        for mut row in att.axis_iter_mut(Axis(0)) {
-            softmax(row.as_slice_mut().expect("contiguous scratch rows"));
-        }
+        // Softmax over each row's visible keys, masked keys set to 0: the same bits as a
+        // softmax over the row with −∞ at the masked keys (exp(−∞) = 0 adds nothing), without
+        // the work. Rows are independent, so they are split over the compute pool.
+        let pool = crate::threads::pool();
+        pool.install(|| {
+            let rows = att.as_slice_mut().expect("contiguous scratch");
+            rows.par_chunks_mut(p_len).enumerate().for_each(|(i, row)| {
+                let (visible, masked) = row.split_at_mut(start + i + 1);
+                softmax(visible);
+                masked.fill(0.0);
+            });
+        });
         let mut out_h = out.slice_mut(s![.., cols]);
         general_mat_mul(1.0, &att, &v_h, 0.0, &mut out_h);
     }

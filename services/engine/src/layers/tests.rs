@@ -154,3 +154,20 @@ fn fast_tanh_is_within_4e_7_everywhere() {
     assert_eq!(tanh_fast(1e9), tanh_fast(7.905_311));
     assert!(tanh_fast(f32::MAX) <= 1.0 && tanh_fast(-f32::MAX) >= -1.0);
 }
+
+/// Prefill attention softmaxes only each row's visible keys; that must give the bits of a
+/// softmax over the whole row with −∞ at the masked keys.
+#[test]
+fn softmax_of_the_visible_prefix_equals_softmax_of_the_masked_row_bitwise() {
+    let row = filled((1, 300), 11, 6.0);
+    for visible in [1, 2, 37, 299, 300] {
+        let mut masked = row.row(0).to_vec();
+        masked[visible..].fill(f32::NEG_INFINITY);
+        softmax(&mut masked);
+        let mut prefix = row.row(0).to_vec();
+        softmax(&mut prefix[..visible]);
+        prefix[visible..].fill(0.0);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&prefix), bits(&masked), "{visible} visible keys");
+    }
+}
