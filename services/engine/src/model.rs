@@ -196,7 +196,7 @@ pub struct Gpt2 {
     dtype: String,
     /// Whether prefill chunks of several sequences may share a forward call (see
     /// [`layers::sgemm_rows_invariant`]).
-    mixed_prefill: bool,
+    shared_prefill: bool,
 }
 
 impl Gpt2 {
@@ -211,19 +211,19 @@ impl Gpt2 {
     pub fn from_weights(cfg: ModelConfig, mut w: Weights) -> Result<Self, EngineError> {
         let h: Vec<Block> =
             (0..cfg.n_layer).map(|i| Block::load(&mut w, i, cfg.eps)).collect::<Result<_, _>>()?;
-        let mixed_prefill = h.first().is_none_or(|b| {
+        let shared_prefill = h.first().is_none_or(|b| {
             [&b.attn.c_attn, &b.attn.c_proj, &b.mlp.c_fc, &b.mlp.c_proj]
                 .iter()
                 .all(|c| layers::sgemm_rows_invariant(c.weight.view2()))
         });
-        if !mixed_prefill {
+        if !shared_prefill {
             tracing::warn!(
                 "this BLAS does not compute sgemm rows independently of the batch; prefill chunks \
                  of different requests run one at a time"
             );
         }
         Ok(Self {
-            mixed_prefill,
+            shared_prefill,
             wte: w.take("wte.weight")?,
             wpe: w.take("wpe.weight")?,
             h,
@@ -236,8 +236,8 @@ impl Gpt2 {
 
     /// Whether [`Gpt2::forward`] accepts prefill chunks of several sequences in one step: true
     /// when `sgemm` was found to compute each row independently of the others in the call.
-    pub fn mixed_prefill(&self) -> bool {
-        self.mixed_prefill
+    pub fn shared_prefill(&self) -> bool {
+        self.shared_prefill
     }
 
     /// The validated shape.
@@ -283,9 +283,10 @@ impl Gpt2 {
     /// sequence order. Each cache advances by its sequence's token count. A step is either a
     /// decode step (one new token for each of up to [`SMALL_M`] sequences, computed by the
     /// batch-invariant kernels), a prefill chunk of one sequence (any length, `sgemm`), or —
-    /// when [`Gpt2::mixed_prefill`] holds — prefill chunks of two or more tokens each of several
+    /// when [`Gpt2::shared_prefill`] holds — prefill chunks of two or more tokens each of several
     /// sequences (`sgemm`); other mixes are refused, as each row's kernel must not depend on
-    /// the other rows of the step. With `trace`, block 0's intermediates are recorded (one sequence only).
+    /// the other rows of the step. With `trace`, block 0's intermediates are recorded (one
+    /// sequence only).
     pub fn forward<'s>(
         &self,
         seqs: &mut [SeqStep<'_>],
@@ -320,18 +321,27 @@ impl Gpt2 {
         // Decode steps (one new token per sequence) take the batch-invariant kernel; prefill
         // chunks take sgemm, shared by several sequences only where its rows were checked to be
         // independent of each other.
-        let kernel = if seqs.iter().all(|s| s.tokens.len() == 1) && n <= SMALL_M {
+        let kernel = if seqs.iter().all(|s| s.tokens.len() == 1) {
+            if n > SMALL_M {
+                return Err(EngineError::Internal(format!(
+                    "a decode step has {n} rows, more than {SMALL_M}"
+                )));
+            }
             Kernel::SmallBatch
-        } else if seqs.len() == 1
-            || (self.mixed_prefill && seqs.iter().all(|s| s.tokens.len() >= 2))
-        {
+        } else if seqs.len() == 1 {
             Kernel::Sgemm
+        } else if seqs.iter().any(|s| s.tokens.len() == 1) {
+            return Err(EngineError::Internal(
+                "a step mixes single-token rows with prefill chunks of other sequences".into(),
+            ));
+        } else if !self.shared_prefill {
+            return Err(EngineError::Internal(
+                "prefill chunks of several sequences in one step, but sgemm rows are not \
+                 batch-invariant here"
+                    .into(),
+            ));
         } else {
-            return Err(EngineError::Internal(format!(
-                "a step mixes single-token and prefill rows, mixes prefill rows of several \
-                 sequences on a BLAS that is not row-invariant, or has more than {SMALL_M} \
-                 decode rows"
-            )));
+            Kernel::Sgemm
         };
 
         // 1. encoder: x = wte[tokens] + wpe[positions]
@@ -464,12 +474,17 @@ impl Gpt2 {
         let mut rows = sc.atty.slice_mut(s![..n, ..]);
         let mut outs: Vec<ArrayViewMut1<'_, f32>> = rows.axis_iter_mut(ndarray::Axis(0)).collect();
         if n == 1 {
-            outs.iter_mut().zip(&inputs).for_each(|(out, input)| decode_one(nh, out, input));
+            let mut scores = Vec::new();
+            outs.iter_mut()
+                .zip(&inputs)
+                .for_each(|(out, input)| decode_one(nh, out, input, &mut scores));
         } else {
             crate::threads::pool().install(|| {
                 outs.par_iter_mut()
                     .zip(inputs.par_iter())
-                    .for_each(|(out, input)| decode_one(nh, out, input));
+                    .for_each_init(Vec::new, |scores, (out, input)| {
+                        decode_one(nh, out, input, scores)
+                    });
             });
         }
     }
@@ -503,8 +518,12 @@ impl Gpt2 {
 /// One decode row's attention input: `q: (C)`, cached `k, v: (P, C)`.
 type DecodeInput<'a> = (ArrayView1<'a, f32>, ArrayView2<'a, f32>, ArrayView2<'a, f32>);
 
-fn decode_one(n_head: usize, out: &mut ArrayViewMut1<'_, f32>, (q, k, v): &DecodeInput<'_>) {
-    let mut scores = Vec::new();
+fn decode_one(
+    n_head: usize,
+    out: &mut ArrayViewMut1<'_, f32>,
+    (q, k, v): &DecodeInput<'_>,
+    scores: &mut Vec<f32>,
+) {
     let out = out.as_slice_mut().expect("rows are contiguous");
     layers::attention_decode(
         out,
@@ -512,6 +531,6 @@ fn decode_one(n_head: usize, out: &mut ArrayViewMut1<'_, f32>, (q, k, v): &Decod
         k.view(),
         v.view(),
         n_head,
-        &mut scores,
+        scores,
     );
 }

@@ -234,16 +234,24 @@ impl Entry {
         &self.job.req.request_id
     }
 
-    fn enter_phase(&mut self, name: &'static str) {
-        self.phase = match name {
-            "prefill" => {
-                tracing::info_span!(parent: &self.job.span, "prefill", prompt_tokens = self.job.req.prompt.len())
+    fn enter_phase(&mut self, phase: Phase) {
+        let parent = &self.job.span;
+        self.phase = match phase {
+            Phase::Prefill => {
+                tracing::info_span!(parent: parent, "prefill", prompt_tokens = self.job.req.prompt.len())
             }
-            _ => {
-                tracing::info_span!(parent: &self.job.span, "decode", generated_tokens = tracing::field::Empty)
+            Phase::Decode => {
+                tracing::info_span!(parent: parent, "decode", generated_tokens = tracing::field::Empty)
             }
         };
     }
+}
+
+/// The phases after `queue` that get their own span.
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    Prefill,
+    Decode,
 }
 
 /// Starts the scheduler thread for `model`.
@@ -393,7 +401,7 @@ impl Scheduler {
                 Ok(seq) => {
                     e.seq = Some(seq);
                     e.started = Some(Instant::now());
-                    e.enter_phase("prefill");
+                    e.enter_phase(Phase::Prefill);
                     self.stats.caches_in_use.fetch_add(1, Ordering::SeqCst);
                     self.running.push(e);
                 }
@@ -408,65 +416,50 @@ impl Scheduler {
         }
     }
 
-    /// Prefill chunks of prefilling sequences, oldest first. Each prompt is cut into chunks of
-    /// `prefill_chunk` tokens whatever else runs. The first chunk always runs; more run while
-    /// their tokens fit in a budget of `prefill_chunk` tokens, so several short prompts
-    /// arriving together all get their first token before the next decode step, while running
-    /// streams never wait for more than one chunk's worth of prompt. Chunks of two or more
-    /// tokens share one forward call (one `sgemm` per weight matrix) when the model allows it
-    /// ([`Gpt2::mixed_prefill`]); single-token chunks, whose rows take the other kernel, run
-    /// alone.
+    /// Prefill chunks of prefilling sequences, grouped into forward calls by [`prefill_plan`].
     fn prefill_step(&mut self) {
-        let chunk = self.config.prefill_chunk;
-        let mut budget = chunk;
-        let mut plan = Vec::new();
-        for (i, e) in self.running.iter().enumerate() {
-            let Some(seq) = e.seq.as_ref().filter(|s| s.is_prefilling()) else { continue };
-            let tokens = seq.prompt_remaining().min(chunk);
-            if !plan.is_empty() && tokens > budget {
-                break;
-            }
-            budget = budget.saturating_sub(tokens);
-            plan.push((i, tokens));
-            if budget == 0 {
-                break;
-            }
-        }
-        // Groups of original indexes, each one forward call, oldest first.
-        let mixed = self.model.mixed_prefill();
-        let mut groups: Vec<Vec<usize>> = Vec::new();
-        let mut shared: Option<usize> = None;
-        for (i, tokens) in plan {
-            match shared {
-                Some(g) if mixed && tokens >= 2 => groups[g].push(i),
-                _ => {
-                    if mixed && tokens >= 2 {
-                        shared = Some(groups.len());
-                    }
-                    groups.push(vec![i]);
-                }
-            }
-        }
+        let prefilling = self.running.iter().enumerate().filter_map(|(i, e)| {
+            e.seq.as_ref().filter(|s| s.is_prefilling()).map(|s| (i, s.prompt_remaining()))
+        });
+        let groups =
+            prefill_plan(prefilling, self.config.prefill_chunk, self.model.shared_prefill());
         let mut ended: Vec<usize> = Vec::new();
         for group in groups {
             // Entries that ended in earlier groups shift the later indexes down.
             let now: Vec<usize> =
                 group.iter().map(|&i| i - ended.iter().filter(|&&r| r < i).count()).collect();
-            let done = self.prefill_group(&now);
+            let done = self.step(&now, self.config.prefill_chunk);
             ended.extend(group.iter().zip(done).filter(|(_, d)| *d).map(|(&i, _)| i));
         }
     }
 
-    /// One forward call over the prefill chunks of running entries `group` (ascending), then
-    /// each gets its outcome. Says, for each, whether it ended (and left the running set).
-    fn prefill_group(&mut self, group: &[usize]) -> Vec<bool> {
-        let chunk = self.config.prefill_chunk;
-        let mut steps = Vec::with_capacity(group.len());
+    /// One batched decode step over every sequence past its prompt.
+    fn decode_step(&mut self) {
+        let idx: Vec<usize> = (0..self.running.len())
+            .filter(|&i| {
+                self.running[i]
+                    .seq
+                    .as_ref()
+                    .is_some_and(|s| !s.is_prefilling() && s.generated() > 0)
+            })
+            .collect();
+        if !idx.is_empty() {
+            self.step(&idx, 1);
+            self.stats.decode_steps.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// One forward call over the next input (at most `max_tokens` tokens) of running entries
+    /// `idx` (ascending), then each gets its token, or the error. Says, for each, whether it
+    /// ended and left the running set.
+    fn step(&mut self, idx: &[usize], max_tokens: usize) -> Vec<bool> {
+        let mut steps = Vec::with_capacity(idx.len());
+        let mut next = idx.iter().peekable();
         for (i, e) in self.running.iter_mut().enumerate() {
-            if group.contains(&i)
+            if next.next_if_eq(&&i).is_some()
                 && let Some(seq) = e.seq.as_mut()
             {
-                steps.push(seq.step(chunk));
+                steps.push(seq.step(max_tokens));
             }
         }
         let result = self
@@ -474,9 +467,10 @@ impl Scheduler {
             .forward(&mut steps, &mut self.scratch, LogitsFor::LastOfEach, None)
             .map(|l| l.to_owned());
         drop(steps);
-        let mut ended = vec![false; group.len()];
-        // In reverse, so removals do not shift the indexes still to visit.
-        for (row, &i) in group.iter().enumerate().rev() {
+        let mut ended = vec![false; idx.len()];
+        // In reverse, so removals do not shift the indexes still to visit (entries are removed
+        // in place, keeping the running set in arrival order).
+        for (row, &i) in idx.iter().enumerate().rev() {
             let before = self.running.len();
             match &result {
                 Ok(logits) => {
@@ -493,52 +487,13 @@ impl Scheduler {
         ended
     }
 
-    /// One batched decode step over every sequence past its prompt.
-    fn decode_step(&mut self) {
-        let mut idx = Vec::new();
-        let mut steps = Vec::new();
-        for (i, e) in self.running.iter_mut().enumerate() {
-            if let Some(seq) = e.seq.as_mut().filter(|s| !s.is_prefilling() && s.generated() > 0) {
-                idx.push(i);
-                steps.push(seq.step(1));
-            }
-        }
-        if steps.is_empty() {
-            return;
-        }
-        let result = self
-            .model
-            .forward(&mut steps, &mut self.scratch, LogitsFor::LastOfEach, None)
-            .map(|l| l.to_owned());
-        drop(steps);
-        self.stats.decode_steps.fetch_add(1, Ordering::Relaxed);
-        match result {
-            Ok(logits) => {
-                // Deliver in reverse so removals do not shift the indexes still to visit (entries
-                // are removed in place, keeping the running set in arrival order).
-                for (row, &i) in idx.iter().enumerate().rev() {
-                    let event =
-                        self.running[i].seq.as_mut().and_then(|s| s.accept(logits.row(row)));
-                    if let Some(event) = event {
-                        self.deliver(i, event);
-                    }
-                }
-            }
-            Err(err) => {
-                for &i in idx.iter().rev() {
-                    self.fail(i, &err);
-                }
-            }
-        }
-    }
-
     /// Sends a token to running entry `i`; ends it when the token is its last or the client
     /// is gone.
     fn deliver(&mut self, i: usize, event: TokenEvent) {
         let e = &mut self.running[i];
         if e.first_token.is_none() {
             e.first_token = Some(Instant::now());
-            e.enter_phase("decode");
+            e.enter_phase(Phase::Decode);
         }
         let finish = event.finish;
         let sent = e.job.events.try_send(Event::Token(event)).is_ok();
@@ -606,5 +561,92 @@ impl Scheduler {
 
     fn publish(&self) {
         self.stats.running.store(self.running.len(), Ordering::SeqCst);
+    }
+}
+
+/// Which prefill chunks run this iteration, and how they are grouped into forward calls.
+/// `prefilling` gives, oldest first, each prefilling entry's index and prompt tokens left.
+///
+/// Each prompt is cut into chunks of `chunk` tokens whatever else runs. The oldest chunk always
+/// runs; younger ones join while their tokens fit in a budget of `chunk` tokens, so several
+/// short prompts arriving together all get their first token before the next decode step,
+/// while running streams never wait for more than one chunk's worth of prompt. With `shared`
+/// ([`Gpt2::shared_prefill`]) the chunks of two or more tokens form one group (one `sgemm` per
+/// weight matrix); single-token chunks, whose rows take the small-batch kernel, and every
+/// chunk without `shared`, are groups of their own. Groups come in order of their oldest
+/// entry; each lists its indexes ascending.
+fn prefill_plan(
+    prefilling: impl Iterator<Item = (usize, usize)>,
+    chunk: usize,
+    shared: bool,
+) -> Vec<Vec<usize>> {
+    let mut budget = chunk;
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut together: Option<usize> = None;
+    for (i, remaining) in prefilling {
+        let tokens = remaining.min(chunk);
+        if !groups.is_empty() && tokens > budget {
+            break;
+        }
+        budget = budget.saturating_sub(tokens);
+        let shareable = shared && tokens >= 2;
+        match together {
+            Some(g) if shareable => groups[g].push(i),
+            _ => {
+                if shareable {
+                    together = Some(groups.len());
+                }
+                groups.push(vec![i]);
+            }
+        }
+        if budget == 0 {
+            break;
+        }
+    }
+    groups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefill_plan;
+
+    fn plan(prefilling: &[(usize, usize)], shared: bool) -> Vec<Vec<usize>> {
+        prefill_plan(prefilling.iter().copied(), 256, shared)
+    }
+
+    #[test]
+    fn short_prompts_share_one_call_within_the_budget() {
+        let eight: Vec<(usize, usize)> = (0..8).map(|i| (i, 32)).collect();
+        assert_eq!(plan(&eight, true), vec![(0..8).collect::<Vec<_>>()]);
+        let nine: Vec<(usize, usize)> = (0..9).map(|i| (i, 32)).collect();
+        assert_eq!(plan(&nine, true), vec![(0..8).collect::<Vec<_>>()], "the ninth waits");
+    }
+
+    #[test]
+    fn without_sharing_each_chunk_is_its_own_call() {
+        assert_eq!(plan(&[(0, 32), (2, 32), (5, 10)], false), vec![vec![0], vec![2], vec![5]]);
+    }
+
+    #[test]
+    fn single_token_chunks_run_alone() {
+        assert_eq!(
+            plan(&[(0, 1), (1, 40), (3, 1), (4, 5)], true),
+            vec![vec![0], vec![1, 4], vec![3]]
+        );
+    }
+
+    #[test]
+    fn the_oldest_chunk_always_runs_and_long_prompts_are_cut() {
+        assert_eq!(
+            plan(&[(3, 1000), (4, 2)], true),
+            vec![vec![3]],
+            "a full chunk fills the budget"
+        );
+        assert_eq!(plan(&[(0, 300), (1, 10)], true), vec![vec![0]]);
+        assert_eq!(
+            plan(&[(0, 250), (1, 10), (2, 6)], true),
+            vec![vec![0]],
+            "the first chunk that does not fit ends the plan, so no prompt overtakes an older one"
+        );
     }
 }

@@ -327,7 +327,7 @@ pub async fn run(
             n_layer = model.config().n_layer,
             weight_mib = model.weight_bytes() as f64 / (1 << 20) as f64,
             threads = crate::threads::current(),
-            shared_prefill = model.mixed_prefill(),
+            shared_prefill = model.shared_prefill(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "model loaded"
         );

@@ -101,7 +101,7 @@ fn batched_decode_equals_one_at_a_time_bitwise_at_different_positions() {
 fn shared_prefill_step_equals_prefill_alone_bitwise() {
     for (_, dir) in models() {
         let model = Gpt2::load(&dir).unwrap();
-        assert!(model.mixed_prefill(), "sgemm rows are batch-invariant on this machine");
+        assert!(model.shared_prefill(), "sgemm rows are batch-invariant on this machine");
         let prompts: Vec<Vec<u32>> =
             vec![vec![15496, 13], vec![464, 2068, 7586, 21831, 18045], vec![50, 60, 70]];
         let mut scratch = Scratch::default();

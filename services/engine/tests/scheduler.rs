@@ -16,6 +16,10 @@ fn model() -> Arc<Gpt2> {
     )
 }
 
+fn spawn(max_batch: usize, max_queue: usize) -> (SchedulerHandle, std::thread::JoinHandle<()>) {
+    scheduler::spawn(model(), SchedulerConfig { max_batch, max_queue, prefill_chunk: 256 }).unwrap()
+}
+
 fn job(id: &str, max_new: usize) -> (Job, tokio::sync::mpsc::Receiver<Event>) {
     let (events, rx) = tokio::sync::mpsc::channel(max_new + 2);
     let req = ValidRequest {
@@ -44,11 +48,7 @@ fn wait(handle: &SchedulerHandle, what: &str, pred: impl Fn(&SchedulerHandle) ->
 
 #[test]
 fn a_closed_channel_frees_its_sequence_within_one_decode_step() {
-    let (handle, thread) = scheduler::spawn(
-        model(),
-        SchedulerConfig { max_batch: 4, max_queue: 4, prefill_chunk: 256 },
-    )
-    .unwrap();
+    let (handle, thread) = spawn(4, 4);
     let (a, mut rx_a) = job("a", 1000);
     let (b, mut rx_b) = job("b", 1000);
     handle.submit(a).unwrap();
@@ -75,11 +75,7 @@ fn a_closed_channel_frees_its_sequence_within_one_decode_step() {
 
 #[test]
 fn finished_streams_return_their_cache_and_end_with_finished() {
-    let (handle, thread) = scheduler::spawn(
-        model(),
-        SchedulerConfig { max_batch: 2, max_queue: 8, prefill_chunk: 256 },
-    )
-    .unwrap();
+    let (handle, thread) = spawn(2, 8);
     let mut rxs = Vec::new();
     for i in 0..5 {
         let (j, rx) = job(&format!("j{i}"), 3 + i);

@@ -152,7 +152,6 @@ pub fn gelu(mut x: ArrayViewMut2<'_, f32>) {
         values.iter_mut().for_each(|v| *v = gelu_scalar(*v));
         return;
     }
-    use rayon::prelude::*;
     crate::threads::pool().install(|| {
         values
             .par_chunks_mut(PER_TASK)
@@ -222,6 +221,7 @@ pub fn attention(
     let scale = 1.0 / (hs as f32).sqrt();
     let mut att = ArrayViewMut2::from_shape((s_len, p_len), &mut scratch[..s_len * p_len])
         .expect("scratch holds S·P floats");
+    let pool = crate::threads::pool();
     for h in 0..n_head {
         let cols = h * hs..(h + 1) * hs;
         let q_h = qkv.slice(s![.., cols.clone()]);
@@ -240,7 +240,6 @@ pub fn attention(
         // Softmax over each row's visible keys, masked keys set to 0: the same bits as a
         // softmax over the row with −∞ at the masked keys (exp(−∞) = 0 adds nothing), without
         // the work. Rows are independent, so they are split over the compute pool.
-        let pool = crate::threads::pool();
         pool.install(|| {
             let rows = att.as_slice_mut().expect("contiguous scratch");
             rows.par_chunks_mut(p_len).enumerate().for_each(|(i, row)| {
