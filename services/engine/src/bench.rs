@@ -35,6 +35,10 @@ pub struct BenchReport {
     pub shape: [usize; 4],
     /// Weight storage type.
     pub dtype: String,
+    /// The OpenBLAS kernel set that ran `sgemm` (e.g. `SkylakeX`).
+    pub openblas_core: String,
+    /// Why that kernel set.
+    pub openblas_core_reason: String,
     /// Compute threads.
     pub threads: usize,
     /// Sequences per decode step.
@@ -138,6 +142,8 @@ pub fn run(
         model: name.to_owned(),
         shape: [m.n_layer, m.n_head, m.n_embd, m.vocab_size],
         dtype: model.dtype().to_owned(),
+        openblas_core: crate::blas_core::report().core.clone(),
+        openblas_core_reason: crate::blas_core::report().reason.clone(),
         threads: crate::threads::current(),
         batch: cfg.batch,
         prompt_tokens: cfg.prompt_tokens,

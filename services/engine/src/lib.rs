@@ -12,6 +12,7 @@ extern crate blas_src;
 
 pub mod bench;
 pub mod blas;
+pub mod blas_core;
 pub mod config;
 pub mod dump;
 pub mod error;

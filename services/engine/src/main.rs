@@ -137,8 +137,12 @@ struct GenerateArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    // First, before anything computes: OpenBLAS reads its kernel choice only at load, so this
+    // may re-execute the process once (see `blas_core`).
+    let blas_core = llorch_engine::blas_core::ensure_best_core();
     let cli = Cli::parse();
     logging::init(&cli.log)?;
+    llorch_engine::blas_core::log_report(blas_core);
     match cli.command {
         Command::Serve(config) => serve(config),
         Command::Generate(args) => generate(args),

@@ -217,9 +217,11 @@ impl Gpt2 {
                 .all(|c| layers::sgemm_rows_invariant(c.weight.view2()))
         });
         if !shared_prefill {
-            tracing::warn!(
-                "this BLAS does not compute sgemm rows independently of the batch; prefill chunks \
-                 of different requests run one at a time"
+            tracing::info!(
+                openblas_core = %crate::blas_core::report().core,
+                "prompts arriving together are prefilled one at a time: this OpenBLAS kernel \
+                 set's sgemm rows depend on the other rows in the call, so sharing a step would \
+                 change results (correct either way; only time to first token under load differs)"
             );
         }
         Ok(Self {
@@ -238,6 +240,15 @@ impl Gpt2 {
     /// when `sgemm` was found to compute each row independently of the others in the call.
     pub fn shared_prefill(&self) -> bool {
         self.shared_prefill
+    }
+
+    /// Turns shared prefill steps off whatever the load-time check found (only ever safe in
+    /// this direction): the model then prefills one sequence per step, as on a machine whose
+    /// `sgemm` rows are not batch-invariant. Tests use it to run that branch on every machine.
+    #[must_use]
+    pub fn without_shared_prefill(mut self) -> Self {
+        self.shared_prefill = false;
+        self
     }
 
     /// The validated shape.

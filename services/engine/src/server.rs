@@ -175,6 +175,8 @@ impl Engine for EngineService {
             prefill_chunk: u(sc.prefill_chunk),
             decode_steps: stats.decode_steps.load(Ordering::SeqCst),
             weight_bytes: engine.model.weight_bytes() as u64,
+            openblas_core: crate::blas_core::report().core.clone(),
+            openblas_core_reason: crate::blas_core::report().reason.clone(),
         }))
     }
 

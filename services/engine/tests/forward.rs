@@ -95,43 +95,54 @@ fn batched_decode_equals_one_at_a_time_bitwise_at_different_positions() {
     }
 }
 
-/// Prefill chunks of several sequences in one step give each sequence bitwise the logits
-/// and cache it gets alone, and a step the model cannot run that way is refused.
+/// What the engine promises on every machine about prompts that prefill together. When the
+/// load-time check finds `sgemm` rows batch-invariant, a shared step gives each sequence bitwise
+/// the logits and cache it gets alone; when it does not, the model refuses a shared step (the
+/// scheduler's plan then never makes one, see `prefill_plan`'s tests). Whatever this machine's
+/// check says is tested, and the "not invariant" branch is forced as well, so both run
+/// everywhere. A single-token row never shares a step with prefill rows.
 #[test]
-fn shared_prefill_step_equals_prefill_alone_bitwise() {
+fn shared_prefill_is_exact_where_allowed_and_refused_elsewhere() {
     for (_, dir) in models() {
-        let model = Gpt2::load(&dir).unwrap();
-        assert!(model.shared_prefill(), "sgemm rows are batch-invariant on this machine");
-        let prompts: Vec<Vec<u32>> =
-            vec![vec![15496, 13], vec![464, 2068, 7586, 21831, 18045], vec![50, 60, 70]];
-        let mut scratch = Scratch::default();
-        let mut alone: Vec<(KvCache, Vec<f32>)> = prompts
-            .iter()
-            .map(|p| {
-                let mut cache = model.new_cache(16);
-                let logits = model
-                    .forward(
-                        &mut [SeqStep { tokens: p, cache: &mut cache }],
-                        &mut scratch,
-                        LogitsFor::LastOfEach,
-                        None,
-                    )
-                    .unwrap()
-                    .row(0)
-                    .to_vec();
-                (cache, logits)
-            })
-            .collect();
-        let mut caches: Vec<KvCache> = prompts.iter().map(|_| model.new_cache(16)).collect();
-        let mut steps: Vec<SeqStep<'_>> = prompts
-            .iter()
-            .zip(caches.iter_mut())
-            .map(|(p, cache)| SeqStep { tokens: p, cache })
-            .collect();
-        let shared = model
-            .forward(&mut steps, &mut scratch, LogitsFor::LastOfEach, None)
-            .unwrap()
-            .to_owned();
+        let natural = Gpt2::load(&dir).unwrap();
+        let forced_off = Gpt2::load(&dir).unwrap().without_shared_prefill();
+        assert!(!forced_off.shared_prefill());
+        for model in [&natural, &forced_off] {
+            check_shared_prefill_promise(model, &dir);
+        }
+    }
+}
+
+fn check_shared_prefill_promise(model: &Gpt2, dir: &std::path::Path) {
+    let prompts: Vec<Vec<u32>> =
+        vec![vec![15496, 13], vec![464, 2068, 7586, 21831, 18045], vec![50, 60, 70]];
+    let mut scratch = Scratch::default();
+    let mut alone: Vec<(KvCache, Vec<f32>)> = prompts
+        .iter()
+        .map(|p| {
+            let mut cache = model.new_cache(16);
+            let logits = model
+                .forward(
+                    &mut [SeqStep { tokens: p, cache: &mut cache }],
+                    &mut scratch,
+                    LogitsFor::LastOfEach,
+                    None,
+                )
+                .unwrap()
+                .row(0)
+                .to_vec();
+            (cache, logits)
+        })
+        .collect();
+    let mut caches: Vec<KvCache> = prompts.iter().map(|_| model.new_cache(16)).collect();
+    let mut steps: Vec<SeqStep<'_>> = prompts
+        .iter()
+        .zip(caches.iter_mut())
+        .map(|(p, cache)| SeqStep { tokens: p, cache })
+        .collect();
+    let shared = model.forward(&mut steps, &mut scratch, LogitsFor::LastOfEach, None);
+    if model.shared_prefill() {
+        let shared = shared.unwrap().to_owned();
         drop(steps);
         for (i, (cache, logits)) in alone.iter_mut().enumerate() {
             assert_eq!(shared.row(i).to_vec(), *logits, "{} prompt {i}", dir.display());
@@ -148,14 +159,17 @@ fn shared_prefill_step_equals_prefill_alone_bitwise() {
                 .to_owned();
             assert_eq!(la, lb, "{} prompt {i} after prefill", dir.display());
         }
-
-        // A single-token chunk (the small-batch kernel) cannot share a step with prefill rows.
-        let (mut c1, mut c2) = (model.new_cache(8), model.new_cache(8));
-        let mut mixed =
-            [SeqStep { tokens: &[1], cache: &mut c1 }, SeqStep { tokens: &[2, 3], cache: &mut c2 }];
-        let err = model.forward(&mut mixed, &mut scratch, LogitsFor::LastOfEach, None).unwrap_err();
-        assert!(err.to_string().contains("single-token"), "{err}");
+    } else {
+        let err = shared.unwrap_err();
+        assert!(err.to_string().contains("not batch-invariant"), "{err}");
     }
+
+    // A single-token chunk (the small-batch kernel) cannot share a step with prefill rows.
+    let (mut c1, mut c2) = (model.new_cache(8), model.new_cache(8));
+    let mut mixed =
+        [SeqStep { tokens: &[1], cache: &mut c1 }, SeqStep { tokens: &[2, 3], cache: &mut c2 }];
+    let err = model.forward(&mut mixed, &mut scratch, LogitsFor::LastOfEach, None).unwrap_err();
+    assert!(err.to_string().contains("single-token"), "{err}");
 }
 
 #[test]
