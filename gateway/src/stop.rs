@@ -19,6 +19,26 @@ pub enum Released {
 }
 
 /// Per-stream stop-string state.
+///
+/// Text that could still become a stop string is held back; a stop string split over deltas
+/// is found all the same, and neither it nor anything after it is released:
+///
+/// ```
+/// use llorch_gateway::stop::{Released, StopMatcher};
+///
+/// let mut m = StopMatcher::new(vec!["\n\n".into(), "END".into()]);
+/// assert_eq!(m.push("Hello EN"), Released::Text("Hello ".into())); // "EN" may become "END"
+/// assert_eq!(m.push("ough\n"), Released::Text("ENough".into())); // it did not; "\n" held
+/// assert_eq!(
+///     m.push("\nmore"),
+///     Released::Stop { text: String::new(), matched: "\n\n".into() }
+/// );
+///
+/// // Without a match, finish() releases what was held.
+/// let mut m = StopMatcher::new(vec!["END".into()]);
+/// assert_eq!(m.push("the E"), Released::Text("the ".into()));
+/// assert_eq!(m.finish(), "E");
+/// ```
 #[derive(Debug, Clone)]
 pub struct StopMatcher {
     stops: Vec<String>,

@@ -8,6 +8,32 @@ use std::cmp::Ordering;
 pub const GREEDY_BELOW: f32 = 1e-6;
 
 /// How one request samples; validated (see [`crate::request`]), nothing optional left.
+///
+/// The same parameters and seed give the same tokens; greedy picks the argmax (ties to the
+/// lowest id) whatever the seed:
+///
+/// ```
+/// use llorch_engine::sampling::{Sampler, SamplingParams};
+///
+/// let logits = [1.0_f32, 3.0, 3.0, 0.5];
+/// let mut greedy = Sampler::new(SamplingParams::greedy());
+/// assert_eq!(greedy.sample(&logits, &[], false, 0).id, 1);
+///
+/// // top_k = 1 keeps only the most likely token, so even temperature 2.0 cannot leave it.
+/// let top1 = SamplingParams { temperature: 2.0, top_k: 1, seed: 7, ..SamplingParams::greedy() };
+/// assert!(!top1.is_greedy());
+/// assert_eq!(Sampler::new(top1).sample(&logits, &[], false, 0).id, 1);
+///
+/// // Seeded draws repeat exactly, and logprobs come from the raw distribution.
+/// let p = SamplingParams { temperature: 1.0, seed: 42, ..SamplingParams::greedy() };
+/// let (mut a, mut b) = (Sampler::new(p), Sampler::new(p));
+/// for _ in 0..8 {
+///     let (x, y) = (a.sample(&logits, &[], true, 2), b.sample(&logits, &[], true, 2));
+///     assert_eq!(x, y);
+///     assert_eq!(x.top.len(), 2);
+///     assert!(x.logprob <= 0.0);
+/// }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplingParams {
     /// 0.0..=2.0; below [`GREEDY_BELOW`] means greedy.

@@ -16,6 +16,20 @@ const DEFAULT_MODEL_MAX_LENGTH: u32 = 1024;
 
 /// A loaded tokenizer plus the facts the services need about it. Immutable and cheap to share
 /// behind an `Arc`.
+///
+/// ```
+/// use llorch_tokenizer::BpeTokenizer;
+///
+/// let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/default");
+/// let tok = BpeTokenizer::from_dir(&dir)?;
+/// let ids = tok.encode("Hello, world!", false)?;
+/// assert_eq!(ids, [15496, 11, 995, 0]); // what Hugging Face's GPT2TokenizerFast gives
+/// assert_eq!(tok.decode(&ids, false)?, "Hello, world!");
+/// assert_eq!(tok.eos_token_id(), 50256);
+/// // An id outside the vocabulary is an error, never a panic.
+/// assert!(tok.decode(&[tok.vocab_size()], false).is_err());
+/// # Ok::<(), llorch_tokenizer::TokenizerError>(())
+/// ```
 #[derive(Debug)]
 pub struct BpeTokenizer {
     inner: Tokenizer,

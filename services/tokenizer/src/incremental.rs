@@ -17,6 +17,30 @@ const REPLACEMENT: char = char::REPLACEMENT_CHARACTER;
 
 /// Per-stream state of incremental decoding. Holds no reference to the tokenizer so it can be
 /// moved across threads between steps.
+///
+/// Ids pushed one at a time, as an engine streams them: no delta ever holds half a character,
+/// and the deltas plus [`Self::flush`] are exactly the full decode.
+///
+/// ```
+/// use llorch_tokenizer::{BpeTokenizer, IncrementalDecoder};
+///
+/// let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/default");
+/// let tok = BpeTokenizer::from_dir(&dir)?;
+/// let text = "Café 👋🏽 done";
+/// let ids = tok.encode(text, false)?;
+/// assert!(ids.len() > text.chars().count() / 2); // the emoji spans several tokens
+///
+/// let mut decoder = IncrementalDecoder::new(false);
+/// let mut out = String::new();
+/// for id in &ids {
+///     let delta = decoder.push(&tok, &[*id])?;
+///     assert!(!delta.contains('\u{FFFD}'), "half a character in {delta:?}");
+///     out.push_str(&delta);
+/// }
+/// out.push_str(&decoder.flush(&tok)?);
+/// assert_eq!(out, text);
+/// # Ok::<(), llorch_tokenizer::TokenizerError>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct IncrementalDecoder {
     /// Ids since the last clean boundary.
