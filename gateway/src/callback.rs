@@ -12,7 +12,10 @@ use crate::state::AppState;
 /// URLs containing this skip the callback (the llama-orch test mode).
 pub const TEST_MODE_MARKER: &str = "localhost:9999";
 
-/// The callback body (WORKER_API.md "Start-up").
+/// The callback body: the fields of WORKER_API.md "Start-up" (`uri`, `worker_type`, …) and, in
+/// the same body, the ones the upstream pool manager's receiver (`rbee-hive`,
+/// `POST /v1/workers/ready`) requires: `url` (the same value as `uri`), `backend` and `device`.
+/// Each receiver ignores the other's fields, so one body serves both.
 pub fn body(
     config: &GatewayConfig,
     uri: &str,
@@ -23,11 +26,14 @@ pub fn body(
         "worker_id": config.worker_id,
         "vram_bytes": 0,
         "uri": uri,
+        "url": uri,
         "model_ref": model_ref,
         "memory_bytes": memory_bytes,
         "memory_architecture": "cpu",
         "worker_type": "cpu",
         "capabilities": ["text-gen"],
+        "backend": "cpu",
+        "device": 0,
     })
 }
 

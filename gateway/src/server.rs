@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 
 use crate::callback;
 use crate::config::GatewayConfig;
+use crate::error::{ErrorKind, GatewayError};
 use crate::execute::{execute, json_rejection};
 use crate::state::AppState;
 use crate::upstream::Upstreams;
@@ -27,6 +28,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/execute", post(execute))
         .route("/cancel", post(cancel))
+        .route("/cancel/{job_id}", post(cancel_by_path))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn(crate::correlation::layer))
@@ -74,10 +76,27 @@ async fn cancel(
     State(app): State<Arc<AppState>>,
     body: Result<axum::Json<CancelRequest>, JsonRejection>,
 ) -> Response {
-    let job_id = match body {
-        Ok(axum::Json(c)) => c.job_id,
-        Err(rejection) => return json_rejection(&rejection),
-    };
+    match body {
+        Ok(axum::Json(c)) => cancel_job(&app, c.job_id),
+        Err(rejection) => json_rejection(&rejection),
+    }
+}
+
+/// `POST /cancel/{job_id}` (no body): the same as `POST /cancel`, in the form the upstream
+/// worker's test harness sends.
+async fn cancel_by_path(
+    State(app): State<Arc<AppState>>,
+    job_id: Result<axum::extract::Path<String>, PathRejection>,
+) -> Response {
+    match job_id {
+        Ok(axum::extract::Path(job_id)) => cancel_job(&app, job_id),
+        Err(rejection) => {
+            GatewayError::new(ErrorKind::InvalidRequest, rejection.body_text()).into_response()
+        }
+    }
+}
+
+fn cancel_job(app: &AppState, job_id: String) -> Response {
     let found = app.cancel(&job_id);
     tracing::info!(job_id, found, "cancel requested");
     (

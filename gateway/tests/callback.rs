@@ -15,8 +15,26 @@ use serde_json::{Value, json};
 /// Callback bodies received, with whether the worker's port was open at that moment.
 type Seen = Arc<Mutex<Vec<(Value, bool)>>>;
 
-/// A pool manager stand-in: records each callback body and whether the worker's port was
-/// already open when it arrived; answers with `status`.
+/// Every field of both receivers' vocabularies: the worker API spec's (llama-orch pool
+/// manager) and the upstream `rbee-hive`'s `POST /v1/workers/ready` (`url`, `backend`,
+/// `device` required). A body lacking any of them is refused with 422, as `rbee-hive` does.
+const UNION_FIELDS: [&str; 11] = [
+    "worker_id",
+    "vram_bytes",
+    "uri",
+    "model_ref",
+    "memory_bytes",
+    "memory_architecture",
+    "worker_type",
+    "capabilities",
+    "url",
+    "backend",
+    "device",
+];
+
+/// A pool manager stand-in: refuses (422) a body without every field of [`UNION_FIELDS`],
+/// else records the body and whether the worker's port was already open when it arrived and
+/// answers with `status`.
 async fn receiver(status: StatusCode) -> (String, Seen) {
     let seen: Seen = Arc::new(Mutex::new(Vec::new()));
     let app = axum::Router::new()
@@ -25,6 +43,9 @@ async fn receiver(status: StatusCode) -> (String, Seen) {
             post(
                 |State((seen, status)): State<(Seen, StatusCode)>,
                  Json(body): Json<Value>| async move {
+                    if UNION_FIELDS.iter().any(|f| body.get(f).is_none()) {
+                        return StatusCode::UNPROCESSABLE_ENTITY;
+                    }
                     let addr = body["uri"]
                         .as_str()
                         .unwrap_or_default()
@@ -95,7 +116,8 @@ async fn the_receiver_gets_exactly_the_documented_body_once_the_port_is_open() {
         *body,
         json!({
             "worker_id": "w-7", "vram_bytes": 0, "uri": format!("http://{addr}"), "model_ref": "gpt2-test",
-            "memory_bytes": 0, "memory_architecture": "cpu", "worker_type": "cpu", "capabilities": ["text-gen"]
+            "memory_bytes": 0, "memory_architecture": "cpu", "worker_type": "cpu", "capabilities": ["text-gen"],
+            "url": format!("http://{addr}"), "backend": "cpu", "device": 0
         })
     );
     child.kill().unwrap();

@@ -377,6 +377,49 @@ async fn cancel_during_decode_ends_with_cancelled_and_frees_the_engine() {
     stack.stop().await.unwrap();
 }
 
+/// `POST /cancel/{job_id}` with no body (the upstream harness's form) is `POST /cancel`: the
+/// same 202, the same idempotence, the same `CANCELLED` end of the stream.
+#[tokio::test]
+async fn cancel_by_path_is_the_same_as_cancel_with_a_body() {
+    let stack = stack().await;
+    let mut r = started_stream(
+        &stack,
+        json!({"job_id": "by path/1", "prompt": "Hello.", "max_tokens": 1000, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(r.next().await.unwrap().event, "token");
+    // The id is one path segment, percent-encoded like any client would.
+    let resp = http().post(stack.url("/cancel/by%20path%2F1")).send().await.unwrap();
+    assert_eq!(resp.status(), 202);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(
+        (body["job_id"].as_str(), body["running"].as_bool()),
+        (Some("by path/1"), Some(true))
+    );
+    let rest = r.collect().await;
+    let last = rest.last().unwrap();
+    assert_eq!((last.event.as_str(), last.data["code"].as_str()), ("error", Some("CANCELLED")));
+    assert!(rest.iter().filter(|e| e.event == "token").count() < 990);
+    wait_engine_idle(&stack).await;
+    // Idempotent, also for unknown and finished jobs; a body, if sent, is ignored.
+    for path in ["/cancel/by%20path%2F1", "/cancel/never-existed"] {
+        let resp = http().post(stack.url(path)).body("ignored").send().await.unwrap();
+        assert_eq!(resp.status(), 202, "{path}");
+        assert_eq!(resp.json::<Value>().await.unwrap()["running"], false, "{path}");
+    }
+    // Not a valid path segment: a JSON error, and the worker keeps serving.
+    let resp = http().post(stack.url("/cancel/%FF")).send().await.unwrap();
+    assert_eq!(resp.status(), 400);
+    assert_eq!(resp.json::<Value>().await.unwrap()["code"], "INVALID_REQUEST");
+    let events = events(
+        &stack,
+        json!({"job_id": "after", "prompt": "Hello.", "max_tokens": 2, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(events.last().unwrap().event, "end");
+    stack.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn cancel_during_prefill_ends_with_cancelled_and_frees_the_engine() {
     // One-token prefill chunks make a long prompt take hundreds of steps.
