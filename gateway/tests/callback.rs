@@ -15,25 +15,27 @@ use serde_json::{Value, json};
 /// Callback bodies received, with whether the worker's port was open at that moment.
 type Seen = Arc<Mutex<Vec<(Value, bool)>>>;
 
-/// Every field of both receivers' vocabularies: the worker API spec's (llama-orch pool
-/// manager) and the upstream `rbee-hive`'s `POST /v1/workers/ready` (`url`, `backend`,
-/// `device` required). A body lacking any of them is refused with 422, as `rbee-hive` does.
-const UNION_FIELDS: [&str; 11] = [
-    "worker_id",
-    "vram_bytes",
-    "uri",
-    "model_ref",
-    "memory_bytes",
-    "memory_architecture",
-    "worker_type",
-    "capabilities",
-    "url",
-    "backend",
-    "device",
-];
+/// Every field of both receivers' vocabularies, typed: the worker API spec's (llama-orch pool
+/// manager) and the upstream `rbee-hive`'s `POST /v1/workers/ready` (`worker_id`, `url`,
+/// `model_ref`, `backend`, `device: u32`). Like `rbee-hive`'s axum `Json` extractor, the stand-in
+/// answers 422 to a body lacking or mistyping any of them.
+#[derive(Debug, serde::Deserialize)]
+#[allow(dead_code)] // Deserialising is the check.
+struct ReadyUnion {
+    worker_id: String,
+    vram_bytes: u64,
+    uri: String,
+    model_ref: String,
+    memory_bytes: u64,
+    memory_architecture: String,
+    worker_type: String,
+    capabilities: Vec<String>,
+    url: String,
+    backend: String,
+    device: u32,
+}
 
-/// A pool manager stand-in: refuses (422) a body without every field of [`UNION_FIELDS`],
-/// else records the body and whether the worker's port was already open when it arrived and
+/// A pool manager stand-in: refuses (422) a body that is not a [`ReadyUnion`], else records the body and whether the worker's port was already open when it arrived and
 /// answers with `status`.
 async fn receiver(status: StatusCode) -> (String, Seen) {
     let seen: Seen = Arc::new(Mutex::new(Vec::new()));
@@ -43,7 +45,7 @@ async fn receiver(status: StatusCode) -> (String, Seen) {
             post(
                 |State((seen, status)): State<(Seen, StatusCode)>,
                  Json(body): Json<Value>| async move {
-                    if UNION_FIELDS.iter().any(|f| body.get(f).is_none()) {
+                    if serde_json::from_value::<ReadyUnion>(body.clone()).is_err() {
                         return StatusCode::UNPROCESSABLE_ENTITY;
                     }
                     let addr = body["uri"]
