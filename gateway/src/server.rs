@@ -16,7 +16,8 @@ use tokio::net::TcpListener;
 
 use crate::callback;
 use crate::config::GatewayConfig;
-use crate::execute::{execute, json_rejection};
+use crate::error::json_rejection;
+use crate::execute::execute;
 use crate::state::AppState;
 use crate::upstream::Upstreams;
 
