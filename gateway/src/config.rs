@@ -1,81 +1,115 @@
 //! Configuration of the gateway: one struct, every field a `--flag` with an env fallback.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
+
+// Each default once: clap shows it in `--help`, `GatewayConfig::new` starts from it.
+const DEFAULT_WORKER_ID: &str = "llorch-worker-0";
+const DEFAULT_HOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+const DEFAULT_PORT: u16 = 8080;
+const DEFAULT_CALLBACK_URL: &str = "http://localhost:9999/ready";
+const DEFAULT_TOKENIZER_URL: &str = "http://127.0.0.1:50051";
+const DEFAULT_ENGINE_URL: &str = "http://127.0.0.1:50052";
+const DEFAULT_MAX_IN_FLIGHT: usize = 32;
+const DEFAULT_REQUEST_TIMEOUT_SECS: f64 = 300.0;
+const DEFAULT_CALLBACK_ATTEMPTS: u32 = 5;
+const DEFAULT_CALLBACK_BACKOFF_SECS: f64 = 0.5;
+const DEFAULT_GRACE_SECS: f64 = 30.0;
+const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
 
 /// How `llorch-gateway` runs.
 #[derive(Debug, Clone, clap::Args)]
 pub struct GatewayConfig {
     /// This worker's id, reported to the pool manager.
-    #[arg(long, env = "LLORCH_WORKER_ID", default_value = "llorch-worker-0")]
+    #[arg(long, env = "LLORCH_WORKER_ID", default_value = DEFAULT_WORKER_ID)]
     pub worker_id: String,
     /// Model reference reported to the pool manager and in `started` events (default: the
     /// engine's model name).
     #[arg(long, env = "LLORCH_MODEL_REF")]
     pub model: Option<String>,
     /// Address to bind.
-    #[arg(long, env = "LLORCH_GATEWAY_HOST", default_value = "127.0.0.1")]
+    #[arg(long, env = "LLORCH_GATEWAY_HOST", default_value_t = DEFAULT_HOST)]
     pub host: IpAddr,
     /// Port to bind; 0 picks a free one (the bound address is logged).
-    #[arg(long, env = "LLORCH_GATEWAY_PORT", default_value_t = 8080)]
+    #[arg(long, env = "LLORCH_GATEWAY_PORT", default_value_t = DEFAULT_PORT)]
     pub port: u16,
     /// URL for the ready callback (POSTed once listening). A URL containing `localhost:9999`
     /// means test mode: the call is skipped.
-    #[arg(long, env = "LLORCH_CALLBACK_URL", default_value = "http://localhost:9999/ready")]
+    #[arg(long, env = "LLORCH_CALLBACK_URL", default_value = DEFAULT_CALLBACK_URL)]
     pub callback_url: String,
     /// URL this worker is reachable at, sent as `uri` in the callback (default:
     /// `http://<host>:<port>`).
     #[arg(long, env = "LLORCH_PUBLIC_URL")]
     pub public_url: Option<String>,
     /// Tokenizer service address.
-    #[arg(long, env = "LLORCH_TOKENIZER_URL", default_value = "http://127.0.0.1:50051")]
+    #[arg(long, env = "LLORCH_TOKENIZER_URL", default_value = DEFAULT_TOKENIZER_URL)]
     pub tokenizer_url: String,
     /// Engine service address.
-    #[arg(long, env = "LLORCH_ENGINE_URL", default_value = "http://127.0.0.1:50052")]
+    #[arg(long, env = "LLORCH_ENGINE_URL", default_value = DEFAULT_ENGINE_URL)]
     pub engine_url: String,
     /// Most `/execute` streams at once; more get 429 with `Retry-After`.
-    #[arg(long, env = "LLORCH_MAX_IN_FLIGHT", default_value_t = 32)]
+    #[arg(long, env = "LLORCH_MAX_IN_FLIGHT", default_value_t = DEFAULT_MAX_IN_FLIGHT)]
     pub max_in_flight: usize,
     /// Seconds a job may run in total (prompt and generation) before it ends with `TIMEOUT`.
-    #[arg(long, env = "LLORCH_REQUEST_TIMEOUT_SECS", default_value_t = 300.0)]
+    #[arg(long, env = "LLORCH_REQUEST_TIMEOUT_SECS", default_value_t = DEFAULT_REQUEST_TIMEOUT_SECS)]
     pub request_timeout: f64,
     /// Attempts of the ready callback before giving up (exit non-zero).
-    #[arg(long, env = "LLORCH_CALLBACK_ATTEMPTS", default_value_t = 5)]
+    #[arg(long, env = "LLORCH_CALLBACK_ATTEMPTS", default_value_t = DEFAULT_CALLBACK_ATTEMPTS)]
     pub callback_attempts: u32,
     /// Delay before the second callback attempt, in seconds; doubles each time.
-    #[arg(long, env = "LLORCH_CALLBACK_BACKOFF_SECS", default_value_t = 0.5)]
+    #[arg(long, env = "LLORCH_CALLBACK_BACKOFF_SECS", default_value_t = DEFAULT_CALLBACK_BACKOFF_SECS)]
     pub callback_backoff_secs: f64,
     /// Seconds running streams get to finish after SIGTERM/SIGINT.
-    #[arg(long, env = "LLORCH_GATEWAY_GRACE_SECS", default_value_t = 30.0)]
+    #[arg(long, env = "LLORCH_GATEWAY_GRACE_SECS", default_value_t = DEFAULT_GRACE_SECS)]
     pub grace_secs: f64,
     /// Largest request body, in bytes.
-    #[arg(long, env = "LLORCH_MAX_BODY_BYTES", default_value_t = 1 << 20)]
+    #[arg(long, env = "LLORCH_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
 }
 
 impl GatewayConfig {
-    /// Defaults, for tests.
+    /// The defaults of every flag, for tests, with the two upstreams' URLs.
     pub fn new(tokenizer_url: String, engine_url: String) -> Self {
         Self {
-            worker_id: "llorch-worker-0".into(),
+            worker_id: DEFAULT_WORKER_ID.into(),
             model: None,
-            host: [127, 0, 0, 1].into(),
+            host: DEFAULT_HOST,
+            // Any free port: callers of `new` bind their own listener and pass it to `run`.
             port: 0,
-            callback_url: "http://localhost:9999/ready".into(),
+            callback_url: DEFAULT_CALLBACK_URL.into(),
             public_url: None,
             tokenizer_url,
             engine_url,
-            max_in_flight: 32,
-            request_timeout: 300.0,
-            callback_attempts: 5,
-            callback_backoff_secs: 0.5,
-            grace_secs: 30.0,
-            max_body_bytes: 1 << 20,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT_SECS,
+            callback_attempts: DEFAULT_CALLBACK_ATTEMPTS,
+            callback_backoff_secs: DEFAULT_CALLBACK_BACKOFF_SECS,
+            grace_secs: DEFAULT_GRACE_SECS,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
         }
     }
 
     /// The total time budget of one job.
     pub fn request_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.request_timeout.max(0.001))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{Args, FromArgMatches};
+
+    use super::*;
+
+    #[test]
+    fn new_is_the_command_line_defaults() {
+        // The environment is ignored: the defaults alone, whatever the test runner exports.
+        let command = GatewayConfig::augment_args(clap::Command::new("llorch-gateway"))
+            .mut_args(|arg| arg.env(None));
+        let parsed =
+            GatewayConfig::from_arg_matches(&command.get_matches_from(["llorch-gateway"])).unwrap();
+        let mut new = GatewayConfig::new(DEFAULT_TOKENIZER_URL.into(), DEFAULT_ENGINE_URL.into());
+        new.port = DEFAULT_PORT;
+        assert_eq!(format!("{parsed:?}"), format!("{new:?}"));
     }
 }

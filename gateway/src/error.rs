@@ -1,6 +1,8 @@
 //! Errors of the gateway by kind, mapped exhaustively to HTTP statuses (before the stream
-//! starts) and to SSE error codes (after).
+//! starts) and to SSE error codes (after). Every `{"code","message","retriable"}` body, HTTP or
+//! SSE, is an [`ErrorBody`] built by [`GatewayError::body`].
 
+use axum::extract::rejection::JsonRejection;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -10,6 +12,8 @@ use serde::Serialize;
 pub enum ErrorKind {
     /// The request is invalid (400).
     InvalidRequest,
+    /// A job with the same id is running (409 / `INVALID_REQUEST`).
+    Conflict,
     /// Too much work already (429, retriable).
     Overloaded,
     /// An upstream service is down, or the worker is draining (503, retriable).
@@ -62,7 +66,7 @@ impl GatewayError {
         };
         tracing::warn!(upstream, code = ?status.code(), message = status.message(), "upstream error");
         let message = match kind {
-            ErrorKind::InvalidRequest => status.message().to_owned(),
+            ErrorKind::InvalidRequest | ErrorKind::Conflict => status.message().to_owned(),
             ErrorKind::Overloaded => "the engine queue is full; retry later".to_owned(),
             ErrorKind::Unavailable => format!("the {upstream} service is unavailable"),
             ErrorKind::Timeout => "the request timed out".to_owned(),
@@ -78,6 +82,7 @@ impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self.kind {
             ErrorKind::InvalidRequest => StatusCode::BAD_REQUEST,
+            ErrorKind::Conflict => StatusCode::CONFLICT,
             ErrorKind::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
@@ -90,7 +95,7 @@ impl GatewayError {
     /// The `code` of the JSON error body / SSE `error` event.
     pub fn code(&self) -> &'static str {
         match self.kind {
-            ErrorKind::InvalidRequest => "INVALID_REQUEST",
+            ErrorKind::InvalidRequest | ErrorKind::Conflict => "INVALID_REQUEST",
             ErrorKind::Overloaded => "OVERLOADED",
             ErrorKind::Unavailable => "WORKER_UNHEALTHY",
             ErrorKind::Timeout => "TIMEOUT",
@@ -106,7 +111,10 @@ impl GatewayError {
             | ErrorKind::Unavailable
             | ErrorKind::Timeout
             | ErrorKind::UpstreamLost => true,
-            ErrorKind::InvalidRequest | ErrorKind::Cancelled | ErrorKind::Internal => false,
+            ErrorKind::InvalidRequest
+            | ErrorKind::Conflict
+            | ErrorKind::Cancelled
+            | ErrorKind::Internal => false,
         }
     }
 
@@ -116,8 +124,8 @@ impl GatewayError {
     }
 }
 
-/// The JSON body of a refusal.
-#[derive(Debug, Clone, Serialize)]
+/// The JSON body of a refusal, and the payload of the SSE `error` event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ErrorBody {
     /// `INVALID_REQUEST`, `OVERLOADED`, `WORKER_UNHEALTHY`, `TIMEOUT`, `CANCELLED`,
     /// `INFERENCE_FAILED`.
@@ -128,12 +136,27 @@ pub struct ErrorBody {
     pub retriable: bool,
 }
 
-impl IntoResponse for GatewayError {
-    fn into_response(self) -> Response {
-        let mut resp = (self.status(), axum::Json(self.body())).into_response();
+impl GatewayError {
+    /// The refusal as an HTTP response with `status`: the body, and `Retry-After` when
+    /// overloaded.
+    fn response_with(&self, status: StatusCode) -> Response {
+        let mut resp = (status, axum::Json(self.body())).into_response();
         if self.kind == ErrorKind::Overloaded {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         resp
     }
+}
+
+impl IntoResponse for GatewayError {
+    fn into_response(self) -> Response {
+        self.response_with(self.status())
+    }
+}
+
+/// A JSON-body rejection with the worker's error shape, keeping axum's status (400 bad JSON,
+/// 415 wrong content type, 422 missing or mistyped field, 413 too large).
+pub fn json_rejection(rejection: &JsonRejection) -> Response {
+    GatewayError::new(ErrorKind::InvalidRequest, rejection.body_text())
+        .response_with(rejection.status())
 }

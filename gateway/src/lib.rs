@@ -4,10 +4,13 @@
 pub mod callback;
 pub mod config;
 pub mod correlation;
+pub mod detokenize;
 pub mod error;
 pub mod execute;
+pub mod job;
 pub mod metrics;
 pub mod server;
+pub mod sse;
 pub mod state;
 pub mod stop;
 pub mod upstream;

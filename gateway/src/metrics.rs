@@ -6,6 +6,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::error::ErrorKind;
+
 /// Histogram bucket bounds in seconds.
 const BUCKETS: [f64; 14] =
     [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
@@ -45,9 +47,62 @@ impl Histogram {
     }
 }
 
+/// How one `/execute` request ended: the `outcome` label of `llorch_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Generation ended by `max_tokens` or end of text.
+    Ok,
+    /// Generation ended by a stop string.
+    StopSequence,
+    /// Refused as invalid (validation, malformed body, context overflow, duplicate job id).
+    Invalid,
+    /// Refused: too many jobs running.
+    Overloaded,
+    /// Refused: draining or an upstream down.
+    Unavailable,
+    /// The job ran out of time.
+    Timeout,
+    /// The job was cancelled.
+    Cancelled,
+    /// The job failed.
+    Error,
+    /// The client disconnected before the end.
+    ClientGone,
+}
+
+impl Outcome {
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::StopSequence => "stop_sequence",
+            Self::Invalid => "invalid",
+            Self::Overloaded => "overloaded",
+            Self::Unavailable => "unavailable",
+            Self::Timeout => "timeout",
+            Self::Cancelled => "cancelled",
+            Self::Error => "error",
+            Self::ClientGone => "client_gone",
+        }
+    }
+
+    /// The outcome of a request that ended with an error of `kind`.
+    pub fn of_error(kind: ErrorKind) -> Self {
+        match kind {
+            ErrorKind::InvalidRequest | ErrorKind::Conflict => Self::Invalid,
+            ErrorKind::Overloaded => Self::Overloaded,
+            ErrorKind::Unavailable => Self::Unavailable,
+            ErrorKind::Timeout => Self::Timeout,
+            ErrorKind::Cancelled => Self::Cancelled,
+            ErrorKind::Internal | ErrorKind::UpstreamLost => Self::Error,
+        }
+    }
+}
+
 /// Every metric the gateway exports.
 #[derive(Debug, Default)]
 pub struct Metrics {
+    /// Keyed by label, so the exposition lists outcomes in label order.
     outcomes: Mutex<BTreeMap<&'static str, u64>>,
     /// Time from the request to the first token event.
     pub ttft: Histogram,
@@ -60,11 +115,10 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Counts one finished request by outcome (`ok`, `stop_sequence`, `invalid`, `overloaded`,
-    /// `unavailable`, `cancelled`, `timeout`, `error`, …).
-    pub fn outcome(&self, outcome: &'static str) {
+    /// Counts one finished request by outcome.
+    pub fn outcome(&self, outcome: Outcome) {
         if let Ok(mut m) = self.outcomes.lock() {
-            *m.entry(outcome).or_default() += 1;
+            *m.entry(outcome.label()).or_default() += 1;
         }
     }
 
@@ -122,7 +176,7 @@ mod tests {
         let m = Metrics::default();
         m.ttft.observe(Duration::from_millis(3));
         m.ttft.observe(Duration::from_millis(300));
-        m.outcome("ok");
+        m.outcome(Outcome::Ok);
         let text = m.render(&[("llorch_in_flight_requests", "Streams open.", 2.0)]);
         assert!(
             text.contains("llorch_time_to_first_token_seconds_bucket{le=\"0.005\"} 1"),

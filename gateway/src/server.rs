@@ -16,8 +16,8 @@ use tokio::net::TcpListener;
 
 use crate::callback;
 use crate::config::GatewayConfig;
-use crate::error::{ErrorKind, GatewayError};
-use crate::execute::{execute, json_rejection};
+use crate::error::{ErrorKind, GatewayError, json_rejection};
+use crate::execute::execute;
 use crate::state::AppState;
 use crate::upstream::Upstreams;
 
@@ -35,17 +35,20 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// `GET /health`: 200 healthy when both upstreams answer, else 503 unhealthy (same shape).
+/// `GET /health`: 200 healthy when both upstreams answer and the worker is not draining, else
+/// 503 unhealthy (same shape; the worker API knows no third status, and a draining worker must
+/// get no new work).
 async fn health(State(app): State<Arc<AppState>>) -> Response {
-    let (status, code, facts) = match app.refresh_facts().await {
-        Ok(f) if !app.is_draining() => ("healthy", StatusCode::OK, Some(f)),
-        Ok(f) => ("draining", StatusCode::SERVICE_UNAVAILABLE, Some(f)),
-        Err(e) => {
-            tracing::warn!(error = %e, "health check failed");
-            ("unhealthy", StatusCode::SERVICE_UNAVAILABLE, None)
-        }
+    let facts = app
+        .refresh_facts()
+        .await
+        .inspect_err(|e| tracing::warn!(error = %e, "health check failed"))
+        .ok();
+    let (status, code) = if facts.is_some() && !app.is_draining() {
+        ("healthy", StatusCode::OK)
+    } else {
+        ("unhealthy", StatusCode::SERVICE_UNAVAILABLE)
     };
-    let status = if code == StatusCode::OK { status } else { "unhealthy" };
     let mut body = json!({
         "status": status,
         "vram_bytes": 0,

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use axum::http::HeaderMap;
 use llorch_proto::engine::v1::InfoRequest as EngineInfoRequest;
 use llorch_proto::engine::v1::InfoResponse as EngineInfo;
 use llorch_proto::engine::v1::engine_client::EngineClient;
@@ -36,6 +37,12 @@ pub struct CallContext {
 }
 
 impl CallContext {
+    /// The context of an HTTP request with `headers` and `correlation_id`; a `traceparent`
+    /// that is not well-formed W3C (`00-<32 hex>-<16 hex>-<2 hex>`) is dropped.
+    pub fn new(headers: &HeaderMap, correlation_id: String) -> Self {
+        Self { traceparent: traceparent(headers), correlation_id }
+    }
+
     /// Wraps `msg` in a request carrying the context as metadata.
     pub fn request<T>(&self, msg: T) -> tonic::Request<T> {
         let mut req = tonic::Request::new(msg);
@@ -48,6 +55,19 @@ impl CallContext {
         }
         req
     }
+}
+
+/// A well-formed W3C `traceparent` header.
+fn traceparent(headers: &HeaderMap) -> Option<String> {
+    let v = headers.get("traceparent")?.to_str().ok()?.trim();
+    let parts: Vec<&str> = v.split('-').collect();
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    (parts.len() == 4
+        && hex(parts[0], 2)
+        && hex(parts[1], 32)
+        && hex(parts[2], 16)
+        && hex(parts[3], 2))
+    .then(|| v.to_owned())
 }
 
 fn endpoint(url: &str) -> Result<Endpoint, anyhow::Error> {
@@ -78,5 +98,31 @@ impl Upstreams {
         ereq.set_timeout(PROBE_TIMEOUT);
         let (t, e) = tokio::join!(tok.info(treq), eng.info(ereq));
         Ok((t.map_err(probe("tokenizer"))?.into_inner(), e.map_err(probe("engine"))?.into_inner()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn traceparent_of(value: &str) -> Option<String> {
+        let mut headers = HeaderMap::new();
+        headers.insert("traceparent", value.parse().unwrap());
+        CallContext::new(&headers, String::new()).traceparent
+    }
+
+    #[test]
+    fn only_a_well_formed_traceparent_is_carried() {
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(traceparent_of(&format!(" {good} ")).as_deref(), Some(good));
+        for bad in [
+            "",
+            "00-4bf92f35-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "zz-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(traceparent_of(bad), None, "{bad}");
+        }
+        assert_eq!(CallContext::new(&HeaderMap::new(), String::new()).traceparent, None);
     }
 }

@@ -1,5 +1,7 @@
-//! Validation of `/execute` bodies into [`ValidExecute`], collecting every error in the
-//! llama-orch worker's shape: `{"errors":[{"field","constraint","message","value"}]}`.
+//! Validation of `/execute` bodies, collecting every error in the llama-orch worker's shape:
+//! `{"errors":[{"field","constraint","message","value"}]}`. Two stages: the fields
+//! ([`ExecuteRequest::validate`] into [`ValidExecute`]), then, once the prompt is tokenized, the
+//! context length ([`ValidExecute::check_context`] into [`ValidGenerate`]).
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -64,6 +66,15 @@ pub struct ValidExecute {
     pub min_p: f32,
     /// At most 4, each 1..=100 bytes.
     pub stop: Vec<String>,
+}
+
+/// A request that also fits the model's context: prompt tokens + `max_tokens` ≤ `n_ctx`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidGenerate {
+    /// The checked fields.
+    pub request: ValidExecute,
+    /// The tokenized prompt.
+    pub prompt_ids: Vec<u32>,
 }
 
 /// One validation failure.
@@ -206,16 +217,29 @@ impl ExecuteRequest {
     }
 }
 
-/// The context-length error: prompt tokens + max_tokens over the model's context.
-pub fn context_error(prompt_tokens: usize, max_tokens: u32, n_ctx: u32) -> FieldError {
-    FieldError {
-        field: "max_tokens".into(),
-        constraint: format!("context_length({n_ctx})"),
-        message: format!(
-            "prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) = {} exceeds the model's context length of {n_ctx} tokens",
-            prompt_tokens + max_tokens as usize
-        ),
-        value: Some(max_tokens.to_string()),
+impl ValidExecute {
+    /// The second stage, after tokenizing: the prompt's `prompt_ids` plus `max_tokens` must fit
+    /// the model's context of `n_ctx` tokens.
+    pub fn check_context(
+        self,
+        prompt_ids: Vec<u32>,
+        n_ctx: u32,
+    ) -> Result<ValidGenerate, ValidationErrors> {
+        let (prompt_tokens, max_tokens) = (prompt_ids.len(), self.max_tokens);
+        if prompt_tokens + max_tokens as usize > n_ctx as usize {
+            return Err(ValidationErrors {
+                errors: vec![FieldError {
+                    field: "max_tokens".into(),
+                    constraint: format!("context_length({n_ctx})"),
+                    message: format!(
+                        "prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) = {} exceeds the model's context length of {n_ctx} tokens",
+                        prompt_tokens + max_tokens as usize
+                    ),
+                    value: Some(max_tokens.to_string()),
+                }],
+            });
+        }
+        Ok(ValidGenerate { request: self, prompt_ids })
     }
 }
 
@@ -289,6 +313,19 @@ mod tests {
         assert!(validate(v.clone()).is_ok());
         v["prompt"] = serde_json::json!("é".repeat(MAX_PROMPT_CHARS + 1));
         assert_eq!(validate(v).unwrap_err().errors[0].constraint, "length(1..=32768)");
+    }
+
+    #[test]
+    fn the_context_holds_the_prompt_and_max_tokens_exactly() {
+        let mut v = base();
+        v["max_tokens"] = serde_json::json!(1022);
+        let valid = validate(v).unwrap();
+        assert!(valid.clone().check_context(vec![1, 2], 1024).is_ok());
+        let e = valid.check_context(vec![1, 2, 3], 1024).unwrap_err();
+        assert_eq!(
+            serde_json::to_value(&e).unwrap(),
+            serde_json::json!({"errors":[{"field":"max_tokens","constraint":"context_length(1024)","message":"prompt (3 tokens) + max_tokens (1022) = 1025 exceeds the model's context length of 1024 tokens","value":"1022"}]})
+        );
     }
 
     #[test]

@@ -1,7 +1,6 @@
 //! The ready callback of the `llorch-gateway` binary: the documented body once the port is
 //! open, skipped in test mode, and a non-zero exit when the receiver keeps failing.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -10,6 +9,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
+use llorch_common::child_log::ChildLog;
 use serde_json::{Value, json};
 
 /// Callback bodies received, with whether the worker's port was open at that moment.
@@ -66,7 +66,7 @@ async fn receiver(status: StatusCode) -> (String, Seen) {
     (url, seen)
 }
 
-fn gateway(callback: &str) -> (Child, std::sync::mpsc::Receiver<String>) {
+fn gateway(callback: &str) -> (Child, ChildLog) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_llorch-gateway"))
         .args(["--log-format", "json", "--port", "0", "--worker-id", "w-7", "--model", "gpt2-test"])
         .args([
@@ -81,35 +81,21 @@ fn gateway(callback: &str) -> (Child, std::sync::mpsc::Receiver<String>) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    (child, rx)
+    let log = ChildLog::forward(&mut child).unwrap();
+    (child, log)
 }
 
 /// Waits for a log line whose message is `message`; returns its fields.
-fn wait_log(rx: &std::sync::mpsc::Receiver<String>, message: &str) -> Value {
-    loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| panic!("no {message:?} log line"));
-        let v: Value = serde_json::from_str(&line).unwrap_or_default();
-        if v["fields"]["message"] == message {
-            return v["fields"].clone();
-        }
-    }
+fn wait_log(log: &ChildLog, message: &str) -> Value {
+    log.wait_for(message, Duration::from_secs(30)).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_receiver_gets_exactly_the_documented_body_once_the_port_is_open() {
     let (url, seen) = receiver(StatusCode::OK).await;
-    let (mut child, rx) = gateway(&url);
-    let addr = wait_log(&rx, "gateway listening")["addr"].as_str().unwrap().to_owned();
-    wait_log(&rx, "ready callback accepted");
+    let (mut child, log) = gateway(&url);
+    let addr = wait_log(&log, "gateway listening")["addr"].as_str().unwrap().to_owned();
+    wait_log(&log, "ready callback accepted");
     let seen = seen.lock().unwrap().clone();
     assert_eq!(seen.len(), 1);
     let (body, port_open) = &seen[0];
@@ -128,8 +114,8 @@ async fn the_receiver_gets_exactly_the_documented_body_once_the_port_is_open() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_mode_skips_the_callback() {
-    let (mut child, rx) = gateway("http://localhost:9999/ready");
-    wait_log(&rx, "test mode: ready callback skipped");
+    let (mut child, log) = gateway("http://localhost:9999/ready");
+    wait_log(&log, "test mode: ready callback skipped");
     std::thread::sleep(Duration::from_millis(200));
     assert!(child.try_wait().unwrap().is_none(), "the gateway exited in test mode");
     child.kill().unwrap();
@@ -139,11 +125,12 @@ async fn test_mode_skips_the_callback() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_receiver_makes_the_gateway_exit_non_zero_after_the_retries() {
     let (url, seen) = receiver(StatusCode::INTERNAL_SERVER_ERROR).await;
-    let (mut child, rx) = gateway(&url);
+    let (mut child, log) = gateway(&url);
     let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
     assert!(!status.success(), "{status:?}");
     assert_eq!(seen.lock().unwrap().len(), 3, "three attempts");
-    let lines: Vec<String> = rx.try_iter().collect();
+    // The child exited: every line up to its end.
+    let lines: Vec<String> = tokio::task::spawn_blocking(move || log.rest()).await.unwrap();
     assert!(
         lines.iter().any(|l| l.contains("failed after 3 attempts") && l.contains("HTTP 500")),
         "no clear final message in {lines:#?}"

@@ -289,7 +289,6 @@ pub struct EngineProcess {
 impl EngineProcess {
     /// Starts the engine binary on `port` (0 = any) and waits until it is ready.
     pub fn spawn(port: u16, model: &Path) -> anyhow::Result<Self> {
-        use std::io::BufRead;
         let mut child = std::process::Command::new(engine_binary()?)
             .args([
                 "--log-format",
@@ -304,27 +303,12 @@ impl EngineProcess {
             .arg(model)
             .stderr(std::process::Stdio::piped())
             .spawn()?;
-        let stderr = child.stderr.take().context("no stderr")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            // Keep reading after start-up too: a closed pipe would fail the engine's log writes.
-            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let mut addr = None;
-        loop {
-            let line = rx
-                .recv_timeout(Duration::from_secs(30))
-                .context("the engine stopped logging before it was ready")?;
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            if v["fields"]["message"] == "engine service listening" {
-                addr = v["fields"]["addr"].as_str().and_then(|a| a.parse().ok());
-            }
-            if v["fields"]["message"] == "ready" {
-                break;
-            }
-        }
+        let log = llorch_common::child_log::ChildLog::forward(&mut child)?;
+        let wait = Duration::from_secs(30);
+        let not_ready = "the engine stopped logging before it was ready";
+        let listening = log.wait_for("engine service listening", wait).context(not_ready)?;
+        let addr = listening["addr"].as_str().and_then(|a| a.parse().ok());
+        log.wait_for("ready", wait).context(not_ready)?;
         Ok(Self { child, addr: addr.context("no address logged")? })
     }
 

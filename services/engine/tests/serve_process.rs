@@ -1,10 +1,10 @@
 //! The `llorch-engine serve` binary as a child process: it logs its bound address, serves,
 //! and on SIGTERM drains and exits 0.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use llorch_common::child_log::ChildLog;
 use llorch_proto::engine::v1::engine_client::EngineClient;
 use llorch_proto::engine::v1::{GenerateRequest, SamplingParams, StoppingCriteria};
 
@@ -27,26 +27,12 @@ async fn serve_logs_its_address_serves_and_exits_0_on_sigterm() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let mut addr = None;
-    let mut ready = false;
-    while !(ready && addr.is_some()) {
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the engine stopped logging before it was ready");
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if v["fields"]["message"] == "engine service listening" {
-            addr = v["fields"]["addr"].as_str().map(str::to_owned);
-        }
-        ready |= v["fields"]["message"] == "ready";
-    }
-    let mut client = EngineClient::connect(format!("http://{}", addr.unwrap())).await.unwrap();
+    let log = ChildLog::forward(&mut child).unwrap();
+    let wait = Duration::from_secs(30);
+    let listening = log.wait_for("engine service listening", wait).unwrap();
+    let addr = listening["addr"].as_str().unwrap().to_owned();
+    log.wait_for("ready", wait).unwrap();
+    let mut client = EngineClient::connect(format!("http://{addr}")).await.unwrap();
     let req = GenerateRequest {
         prompt_ids: vec![15496, 13],
         sampling: Some(SamplingParams { temperature: Some(0.0), ..Default::default() }),

@@ -1,0 +1,447 @@
+//! One generation job, whatever the wire format: [`start`] does everything before the first
+//! byte (admission, tokenizing, the context check, opening the detokenizer and engine streams)
+//! and spawns the job, which reports [`JobEvent`]s on a channel — `Started`, `Token`…, then
+//! exactly one `End` or `Failed` — while it detokenizes each token through the tokenizer's
+//! `DecodeStream` and matches stop strings on the text. The worker API frames the events as SSE
+//! ([`crate::sse`]); another route can frame the same events its own way.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use llorch_proto::engine::v1 as epb;
+use llorch_proto::tokenizer::v1 as tpb;
+use serde::Serialize;
+use time::OffsetDateTime;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tonic::Streaming;
+use tracing::Instrument;
+
+use crate::detokenize::Detokenizer;
+use crate::error::{ErrorKind, GatewayError};
+use crate::metrics::Outcome;
+use crate::state::{AppState, JobGuard};
+use crate::stop::{Released, StopMatcher};
+use crate::upstream::CallContext;
+use crate::validate::{ValidExecute, ValidGenerate, ValidationErrors};
+
+/// Events buffered per job before it waits for the client.
+const EVENT_BUFFER: usize = 64;
+
+/// What a running job reports, in this order: `Started`, `Token`…, then one `End` or
+/// `Failed`. A job whose client left reports nothing more.
+#[derive(Debug)]
+pub enum JobEvent {
+    /// The job is running.
+    Started {
+        /// The caller's job id.
+        job_id: String,
+        /// The model reference.
+        model: String,
+        /// When it started.
+        at: OffsetDateTime,
+    },
+    /// One generated token.
+    Token {
+        /// 0-based index of the generated token.
+        index: u32,
+        /// The text this token released: empty while a character is incomplete or text is held
+        /// back for a possible stop string.
+        text: String,
+    },
+    /// Generation finished.
+    End(Summary),
+    /// The job failed, was cancelled or ran out of time.
+    Failed(GatewayError),
+}
+
+/// How a finished generation ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    /// Why it stopped.
+    pub reason: StopReason,
+    /// The stop string that matched, when `reason` is [`StopReason::StopSequence`].
+    pub stop_sequence: Option<String>,
+    /// Token events sent.
+    pub tokens_out: u32,
+    /// From the start of the job to its end.
+    pub decode_time: Duration,
+}
+
+/// Why generation stopped, serialised as the worker API's `stop_reason`. (The API also lists
+/// `CANCELLED` and `ERROR`; such jobs end with an `error` event, never with `end`.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum StopReason {
+    /// `max_tokens` tokens were generated.
+    MaxTokens,
+    /// The model ended the text.
+    Eos,
+    /// A stop string matched.
+    StopSequence,
+}
+
+/// Why a job was not started; nothing was streamed.
+#[derive(Debug)]
+pub enum Refusal {
+    /// The request failed validation (here: the context check).
+    Invalid(ValidationErrors),
+    /// Admission or an upstream refused.
+    Error(GatewayError),
+}
+
+impl Refusal {
+    /// The metrics outcome.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Self::Invalid(_) => Outcome::Invalid,
+            Self::Error(e) => Outcome::of_error(e.kind),
+        }
+    }
+}
+
+impl From<GatewayError> for Refusal {
+    fn from(e: GatewayError) -> Self {
+        Self::Error(e)
+    }
+}
+
+impl From<ValidationErrors> for Refusal {
+    fn from(e: ValidationErrors) -> Self {
+        Self::Invalid(e)
+    }
+}
+
+/// Starts the job `request`, received at `received`: admits it, tokenizes the prompt, checks the
+/// context, opens the detokenizer and engine streams and spawns the job. Returns its events;
+/// the job ends early (aborting the engine's work) when the receiver is dropped.
+pub async fn start(
+    app: &Arc<AppState>,
+    request: ValidExecute,
+    ctx: CallContext,
+    received: Instant,
+) -> Result<mpsc::Receiver<JobEvent>, Refusal> {
+    let permit = Arc::clone(&app.in_flight).try_acquire_owned().map_err(|_| {
+        GatewayError::new(
+            ErrorKind::Overloaded,
+            format!("{} jobs are running; retry later", app.config.max_in_flight),
+        )
+    })?;
+    let guard = app.register(&request.job_id).ok_or_else(|| {
+        GatewayError::new(ErrorKind::Conflict, format!("job {} is already running", request.job_id))
+    })?;
+    let deadline = received + app.config.request_timeout();
+
+    let mut tokenizer = app.upstreams.tokenizer.clone();
+    let encode = tpb::EncodeRequest { text: request.prompt.clone(), add_special_tokens: false };
+    let prompt_ids = tokenizer
+        .encode(ctx.request(encode))
+        .await
+        .map_err(|e| GatewayError::from_status("tokenizer", &e))?
+        .into_inner()
+        .ids;
+    let facts = app.facts().await?;
+    let ValidGenerate { request, prompt_ids } = request.check_context(prompt_ids, facts.n_ctx)?;
+
+    // The detokenizer stream first: if the tokenizer is down, nothing has started yet.
+    let detokenizer = Detokenizer::open(&mut tokenizer, &ctx).await?;
+    let prompt_tokens = prompt_ids.len() as u64;
+    let mut generate = ctx.request(engine_request(&request, prompt_ids));
+    generate.set_timeout(deadline.saturating_duration_since(Instant::now()));
+    let stream = app
+        .upstreams
+        .engine
+        .clone()
+        .generate(generate)
+        .await
+        .map_err(|e| GatewayError::from_status("engine", &e))?
+        .into_inner();
+    app.metrics.prompt_tokens.fetch_add(prompt_tokens, Ordering::Relaxed);
+
+    let (events, rx) = mpsc::channel(EVENT_BUFFER);
+    let job = Job {
+        app: Arc::clone(app),
+        stop: StopMatcher::new(request.stop.clone()),
+        request,
+        ctx,
+        events,
+        engine: Some(stream),
+        detokenizer,
+        eos: facts.eos_token_id,
+        model: facts.model,
+        received,
+        deadline,
+        tokens_out: 0,
+        guard,
+        _permit: permit,
+    };
+    tokio::spawn(job.run().in_current_span());
+    Ok(rx)
+}
+
+/// The engine's `Generate` request for `request` with the tokenized prompt.
+fn engine_request(request: &ValidExecute, prompt_ids: Vec<u32>) -> epb::GenerateRequest {
+    epb::GenerateRequest {
+        request_id: request.job_id.clone(),
+        prompt_ids,
+        sampling: Some(epb::SamplingParams {
+            temperature: Some(request.temperature),
+            top_k: request.top_k,
+            top_p: Some(request.top_p),
+            min_p: request.min_p,
+            repetition_penalty: Some(request.repetition_penalty),
+            seed: Some(request.seed),
+        }),
+        stopping: Some(epb::StoppingCriteria {
+            max_new_tokens: request.max_tokens,
+            stop_token_ids: vec![],
+            ignore_eos: false,
+        }),
+        logprobs: false,
+        top_logprobs: 0,
+    }
+}
+
+/// Whether `token` is the job's last: it ends the text, or it is the `max_tokens`-th. The last
+/// token flushes the detokenizer and any text held back for a stop string.
+fn is_last_token(token: &epb::Token, eos: u32, max_tokens: u32) -> bool {
+    token.id == eos || token.index + 1 >= max_tokens
+}
+
+/// One running job.
+struct Job {
+    app: Arc<AppState>,
+    request: ValidExecute,
+    ctx: CallContext,
+    events: mpsc::Sender<JobEvent>,
+    /// `None` once the job let go of it (abort).
+    engine: Option<Streaming<epb::GenerateResponse>>,
+    detokenizer: Detokenizer,
+    stop: StopMatcher,
+    eos: u32,
+    model: String,
+    received: Instant,
+    deadline: Instant,
+    /// Token events sent so far.
+    tokens_out: u32,
+    /// Registered for `/cancel` until the job ends.
+    guard: JobGuard,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// How the token loop ended.
+enum Ending {
+    /// Generation finished; the stop string when one matched.
+    Finished { reason: StopReason, matched: Option<String> },
+    /// The job failed, was cancelled or ran out of time.
+    Failed(GatewayError),
+    /// The client left; nobody to tell.
+    ClientGone,
+}
+
+impl From<GatewayError> for Ending {
+    fn from(e: GatewayError) -> Self {
+        Self::Failed(e)
+    }
+}
+
+impl Ending {
+    fn outcome(&self) -> Outcome {
+        match self {
+            Self::Finished { reason: StopReason::StopSequence, .. } => Outcome::StopSequence,
+            Self::Finished { reason: StopReason::MaxTokens | StopReason::Eos, .. } => Outcome::Ok,
+            Self::Failed(e) => Outcome::of_error(e.kind),
+            Self::ClientGone => Outcome::ClientGone,
+        }
+    }
+
+    /// Whether the engine ended the sequence itself; otherwise it may still be generating.
+    fn engine_finished(&self) -> bool {
+        match self {
+            Self::Finished { reason: StopReason::MaxTokens | StopReason::Eos, .. } => true,
+            Self::Finished { reason: StopReason::StopSequence, .. }
+            | Self::Failed(_)
+            | Self::ClientGone => false,
+        }
+    }
+}
+
+impl Job {
+    async fn run(mut self) {
+        let started = JobEvent::Started {
+            job_id: self.request.job_id.clone(),
+            model: self.model.clone(),
+            at: OffsetDateTime::now_utc(),
+        };
+        let begin = Instant::now();
+        let ending = if self.events.send(started).await.is_err() {
+            Ending::ClientGone
+        } else {
+            self.stream_tokens().await
+        };
+        let decode_time = begin.elapsed();
+        let outcome = ending.outcome();
+        if !ending.engine_finished() {
+            self.abort_engine().await;
+        }
+        let last = match ending {
+            Ending::Finished { reason, matched } => Some(JobEvent::End(Summary {
+                reason,
+                stop_sequence: matched,
+                tokens_out: self.tokens_out,
+                decode_time,
+            })),
+            Ending::Failed(e) => Some(JobEvent::Failed(e)),
+            Ending::ClientGone => None,
+        };
+        if let Some(last) = last {
+            let _ = self.events.send(last).await;
+        }
+        // Counted before the channel closes: a client that read the whole stream sees it.
+        self.app.metrics.outcome(outcome);
+        tracing::info!(
+            job_id = %self.request.job_id,
+            outcome = outcome.label(),
+            tokens_out = self.tokens_out,
+            decode_time_ms = decode_time.as_millis() as u64,
+            "job finished"
+        );
+        drop(self.guard);
+    }
+
+    /// The token loop; returns how the stream should end.
+    async fn stream_tokens(&mut self) -> Ending {
+        let cancel = Arc::clone(&self.guard.cancel);
+        let mut last_token: Option<Instant> = None;
+        loop {
+            let msg = tokio::select! {
+                biased;
+                () = cancel.notified() => return Ending::Failed(cancelled()),
+                () = self.events.closed() => return Ending::ClientGone,
+                () = tokio::time::sleep_until(self.deadline.into()) => return Ending::Failed(timed_out()),
+                msg = next_message(self.engine.as_mut()) => msg,
+            };
+            let event = match msg {
+                Some(Ok(epb::GenerateResponse { event: Some(e) })) => e,
+                Some(Ok(epb::GenerateResponse { event: None })) => continue,
+                Some(Err(status)) => return Ending::Failed(mid_stream_error(&status)),
+                None => {
+                    return Ending::Failed(GatewayError::new(
+                        ErrorKind::Internal,
+                        "the engine stream ended without finishing",
+                    ));
+                }
+            };
+            match event {
+                epb::generate_response::Event::Token(t) => {
+                    match self.token(&t, &mut last_token).await {
+                        Ok(None) => {}
+                        Ok(Some(matched)) => {
+                            let reason = StopReason::StopSequence;
+                            return Ending::Finished { reason, matched: Some(matched) };
+                        }
+                        Err(ending) => return ending,
+                    }
+                }
+                epb::generate_response::Event::Finished(f) => {
+                    return match stop_reason(&f) {
+                        Ok(reason) => Ending::Finished { reason, matched: None },
+                        Err(e) => Ending::Failed(e),
+                    };
+                }
+            }
+        }
+    }
+
+    /// Detokenizes one token, matches stop strings on its text and reports it; returns the
+    /// stop string when one matched.
+    async fn token(
+        &mut self,
+        t: &epb::Token,
+        last_token: &mut Option<Instant>,
+    ) -> Result<Option<String>, Ending> {
+        let is_last = is_last_token(t, self.eos, self.request.max_tokens);
+        let text = self.detokenizer.push(t.id, is_last).await?;
+        let (text, matched) = match self.stop.push(&text) {
+            Released::Text(mut text) => {
+                if is_last {
+                    text.push_str(&self.stop.finish());
+                }
+                (text, None)
+            }
+            Released::Stop { text, matched } => (text, Some(matched)),
+        };
+        let event = JobEvent::Token { index: t.index, text };
+        self.events.send(event).await.map_err(|_| Ending::ClientGone)?;
+        self.tokens_out += 1;
+        let now = Instant::now();
+        match last_token.replace(now) {
+            Some(prev) => self.app.metrics.inter_token.observe(now - prev),
+            None => self.app.metrics.ttft.observe(now - self.received),
+        }
+        self.app.metrics.generated_tokens.fetch_add(1, Ordering::Relaxed);
+        Ok(matched)
+    }
+
+    /// Stops the engine's work for this job: drop the stream and `Abort` it by id.
+    async fn abort_engine(&mut self) {
+        let mut engine = self.app.upstreams.engine.clone();
+        let mut req =
+            self.ctx.request(epb::AbortRequest { request_ids: vec![self.request.job_id.clone()] });
+        req.set_timeout(Duration::from_secs(2));
+        // Dropping our end of the stream already lets the engine reap the sequence; Abort also
+        // reaches it when the stream's cancellation is slow to propagate.
+        self.engine = None;
+        self.detokenizer.close();
+        if let Err(status) = engine.abort(req).await {
+            tracing::debug!(%status, "abort after the stream ended");
+        }
+    }
+}
+
+async fn next_message(
+    stream: Option<&mut Streaming<epb::GenerateResponse>>,
+) -> Option<Result<epb::GenerateResponse, tonic::Status>> {
+    match stream {
+        Some(s) => s.next().await,
+        None => None,
+    }
+}
+
+fn cancelled() -> GatewayError {
+    GatewayError::new(ErrorKind::Cancelled, "the job was cancelled")
+}
+
+fn timed_out() -> GatewayError {
+    GatewayError::new(ErrorKind::Timeout, "the job ran out of time")
+}
+
+/// The stop reason of the engine's `Finished`; a cancelled, timed out or reasonless finish
+/// is an error.
+fn stop_reason(finished: &epb::Finished) -> Result<StopReason, GatewayError> {
+    match epb::FinishReason::try_from(finished.reason) {
+        Ok(epb::FinishReason::Length) => Ok(StopReason::MaxTokens),
+        Ok(epb::FinishReason::Eos | epb::FinishReason::StopToken) => Ok(StopReason::Eos),
+        Ok(epb::FinishReason::Cancelled) => Err(cancelled()),
+        Ok(epb::FinishReason::Deadline) => Err(timed_out()),
+        Ok(epb::FinishReason::Unspecified) | Err(_) => {
+            Err(GatewayError::new(ErrorKind::Internal, "the engine finished without a reason"))
+        }
+    }
+}
+
+/// An error status in the middle of the engine stream.
+fn mid_stream_error(status: &tonic::Status) -> GatewayError {
+    let e = GatewayError::from_status("engine", status);
+    match e.kind {
+        ErrorKind::Cancelled | ErrorKind::Timeout => e,
+        ErrorKind::Unavailable | ErrorKind::UpstreamLost => {
+            GatewayError::new(ErrorKind::UpstreamLost, "the engine went away during generation")
+        }
+        ErrorKind::InvalidRequest
+        | ErrorKind::Conflict
+        | ErrorKind::Overloaded
+        | ErrorKind::Internal => GatewayError::new(ErrorKind::Internal, "inference failed"),
+    }
+}
