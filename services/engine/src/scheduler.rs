@@ -1,6 +1,6 @@
-//! The scheduler: one thread that owns the waiting queue, the running set and the KV caches,
-//! fed by a channel (an actor, as TGI's queue). gRPC handlers only validate, submit and forward
-//! events.
+//! The scheduler: one thread that owns every job (waiting, prefilling, decoding) and the KV
+//! caches, fed by a channel (an actor, as TGI's queue). gRPC handlers only validate, submit and
+//! forward events.
 //!
 //! Each iteration:
 //! 1. takes commands (new jobs, aborts, drain) — blocking only when there is nothing to do;
@@ -13,19 +13,24 @@
 //! 5. runs one batched decode step for every sequence past its prompt, samples each with its
 //!    own RNG and sends each its event.
 //!
+//! A step is two halves, as TGI's backend: [`Scheduler::step`] runs the forward call and
+//! samples, giving each of its entries an [`Outcome`]; [`Scheduler::apply`] then sends each
+//! token, moves each entry on ([`Entry::advance`]) and ends those that finished.
+//!
 //! Decode steps use the batch-invariant kernels and shared prefill steps a row-invariant
 //! `sgemm`, so a stream's tokens do not depend on which other streams share its steps.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
+use llorch_common::shutdown::DrainSignal;
 use tokio::sync::mpsc as tmpsc;
 
 use crate::error::EngineError;
 use crate::kv_cache::KvCache;
-use crate::model::{Gpt2, LogitsFor, Scratch};
+use crate::model::{Gpt2, LogitsFor, Scratch, SeqStep};
 use crate::request::ValidRequest;
 use crate::sequence::{FinishReason, Sequence, TokenEvent};
 
@@ -69,7 +74,7 @@ pub struct Finished {
 /// What a job's stream receives.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// A generated token.
+    /// A generated token; its `finish` is set when it is the last.
     Token(TokenEvent),
     /// The last event of a successful stream.
     Finished(Finished),
@@ -77,12 +82,21 @@ pub enum Event {
     Error(String),
 }
 
+/// The capacity a job's event channel needs for a request of `max_new_tokens`: every event its
+/// stream can get (up to `max_new_tokens` tokens, then one `Finished` or `Error`) and one spare.
+/// The scheduler only ever `try_send`s, so that a slow client never stalls the batch; with room
+/// for every event a send fails only when the client has gone, never because it reads slowly.
+pub fn event_capacity(max_new_tokens: usize) -> usize {
+    max_new_tokens + 2
+}
+
 /// A validated request on its way to the scheduler.
 #[derive(Debug)]
 pub struct Job {
     /// The request.
     pub req: ValidRequest,
-    /// Where its events go; dropped by the client when it leaves.
+    /// Where its events go; dropped by the client when it leaves. Make it with room for
+    /// [`event_capacity`] events.
     pub events: tmpsc::Sender<Event>,
     /// When it must be finished (from `grpc-timeout`).
     pub deadline: Option<Instant>,
@@ -92,10 +106,21 @@ pub struct Job {
 }
 
 enum Command {
-    Submit(Job, Instant),
+    Submit { job: Job, permit: QueuePermit, at: Instant },
     Abort(Vec<String>, tokio::sync::oneshot::Sender<usize>),
     CancelAll,
     Stop,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Submit { .. } => "Submit",
+            Self::Abort(..) => "Abort",
+            Self::CancelAll => "CancelAll",
+            Self::Stop => "Stop",
+        })
+    }
 }
 
 /// Counters shared with the handlers (read by `Info`).
@@ -103,7 +128,7 @@ enum Command {
 pub struct Stats {
     /// Sequences prefilling or decoding.
     pub running: AtomicUsize,
-    /// Jobs admitted and waiting for a slot.
+    /// Jobs admitted and waiting for a slot (the [`QueuePermit`]s out).
     pub waiting: AtomicUsize,
     /// KV caches held by live sequences.
     pub caches_in_use: AtomicUsize,
@@ -125,42 +150,54 @@ impl Stats {
     }
 }
 
+/// A place in the queue: taken by [`SchedulerHandle::submit`], carried by the job while it
+/// waits, and given back when dropped — at admission, when the job ends while waiting, or when
+/// it never reaches the scheduler. [`Stats::waiting`] counts the permits out, so it is right
+/// however a job leaves the queue.
+#[derive(Debug)]
+struct QueuePermit {
+    stats: Arc<Stats>,
+}
+
+impl QueuePermit {
+    /// A permit, unless `limit` are out.
+    fn take(stats: &Arc<Stats>, limit: usize) -> Option<Self> {
+        stats
+            .waiting
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < limit).then_some(n + 1))
+            .ok()?;
+        Some(Self { stats: Arc::clone(stats) })
+    }
+}
+
+impl Drop for QueuePermit {
+    fn drop(&mut self) {
+        self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// The handlers' side of the scheduler. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct SchedulerHandle {
     tx: mpsc::Sender<Command>,
     stats: Arc<Stats>,
-    draining: Arc<AtomicBool>,
+    draining: DrainSignal,
     config: SchedulerConfig,
-}
-
-impl std::fmt::Debug for Command {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Submit(..) => "Submit",
-            Self::Abort(..) => "Abort",
-            Self::CancelAll => "CancelAll",
-            Self::Stop => "Stop",
-        })
-    }
 }
 
 impl SchedulerHandle {
     /// Queues a job, or refuses it: `QueueFull` when `max_queue` jobs wait, `Unavailable` while
     /// draining.
     pub fn submit(&self, job: Job) -> Result<(), EngineError> {
-        if self.draining.load(Ordering::SeqCst) {
+        if self.draining.is_started() {
             return Err(EngineError::Unavailable("draining"));
         }
-        let waiting = self.stats.waiting.fetch_add(1, Ordering::SeqCst);
-        if waiting >= self.config.max_queue {
-            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
-            return Err(EngineError::QueueFull { limit: self.config.max_queue });
-        }
-        self.tx.send(Command::Submit(job, Instant::now())).map_err(|_| {
-            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
-            EngineError::Unavailable("stopped")
-        })
+        let permit = QueuePermit::take(&self.stats, self.config.max_queue)
+            .ok_or(EngineError::QueueFull { limit: self.config.max_queue })?;
+        // A refused send drops the command, and with it the permit.
+        self.tx
+            .send(Command::Submit { job, permit, at: Instant::now() })
+            .map_err(|_| EngineError::Unavailable("stopped"))
     }
 
     /// Cancels the named requests; returns how many were live.
@@ -172,12 +209,12 @@ impl SchedulerHandle {
 
     /// Refuses new jobs from now on.
     pub fn start_draining(&self) {
-        self.draining.store(true, Ordering::SeqCst);
+        self.draining.start();
     }
 
     /// Whether new jobs are refused.
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::SeqCst)
+        self.draining.is_started()
     }
 
     /// Ends every live job with `CANCELLED`.
@@ -217,41 +254,162 @@ impl SchedulerHandle {
     }
 }
 
-/// A job and its generation state while it waits or runs.
+/// A job from its arrival at the scheduler to its end.
 struct Entry {
-    job: Job,
-    admitted: Instant,
-    started: Option<Instant>,
-    first_token: Option<Instant>,
-    seq: Option<Sequence>,
-    /// The span of the phase the request is in; replaced at each phase change, closed at the
-    /// end, so each phase's span lasts exactly as long as the phase.
+    /// Where its events go.
+    events: tmpsc::Sender<Event>,
+    /// When it must be finished.
+    deadline: Option<Instant>,
+    /// The request's span.
+    span: tracing::Span,
+    /// The span of the phase the job is in (`queue`, `prefill`, `decode`); replaced at each
+    /// phase change and closed at the end, so each lasts exactly as long as its phase.
     phase: tracing::Span,
+    /// When it was submitted.
+    arrived: Instant,
+    state: State,
+}
+
+/// Where a job is.
+enum State {
+    /// Waiting for a batch slot, holding its place in the queue.
+    Waiting { req: ValidRequest, permit: QueuePermit },
+    /// Admitted at `started`; its prompt is being prefilled.
+    Prefilling { seq: Sequence, started: Instant },
+    /// Generating since its first token came, at `first_token`.
+    Decoding { seq: Sequence, started: Instant, first_token: Instant },
+}
+
+/// What a forward step gave one entry.
+enum Outcome {
+    /// Prompt tokens remain; no token yet.
+    Prefilled,
+    /// Its next token.
+    Token(TokenEvent),
+    /// The forward call failed.
+    Failed,
+}
+
+/// What an entry became after a change.
+enum Next {
+    /// It goes on.
+    Keep(Entry),
+    /// It leaves the scheduler.
+    Leave(Entry, End),
+}
+
+/// Why an entry leaves the scheduler.
+#[derive(Debug, Clone, Copy)]
+enum End {
+    /// Its stream ends with `Finished`.
+    Finish(FinishReason),
+    /// Its stream ends with an error.
+    Fail(&'static str),
 }
 
 impl Entry {
+    fn request(&self) -> &ValidRequest {
+        match &self.state {
+            State::Waiting { req, .. } => req,
+            State::Prefilling { seq, .. } | State::Decoding { seq, .. } => seq.request(),
+        }
+    }
+
     fn id(&self) -> &str {
-        &self.job.req.request_id
+        &self.request().request_id
     }
 
-    fn enter_phase(&mut self, phase: Phase) {
-        let parent = &self.job.span;
-        self.phase = match phase {
-            Phase::Prefill => {
-                tracing::info_span!(parent: parent, "prefill", prompt_tokens = self.job.req.prompt.len())
+    fn is_waiting(&self) -> bool {
+        matches!(self.state, State::Waiting { .. })
+    }
+
+    fn sequence_mut(&mut self) -> Option<&mut Sequence> {
+        match &mut self.state {
+            State::Waiting { .. } => None,
+            State::Prefilling { seq, .. } | State::Decoding { seq, .. } => Some(seq),
+        }
+    }
+
+    /// Why it must end now, if it must: its client left, or its deadline passed.
+    fn expired(&self, now: Instant) -> Option<FinishReason> {
+        if self.events.is_closed() {
+            Some(FinishReason::Cancelled)
+        } else if self.deadline.is_some_and(|d| now >= d) {
+            Some(FinishReason::Deadline)
+        } else {
+            None
+        }
+    }
+
+    /// Admits a waiting entry: its request becomes a [`Sequence`] over `cache` and it starts
+    /// prefill. Returns what it became and, when it started, the queue permit it no longer
+    /// needs, for the caller to drop once the entry counts as running. (An entry already running
+    /// is kept as it is.)
+    fn admit(mut self, cache: KvCache) -> (Next, Option<QueuePermit>) {
+        let State::Waiting { req, permit } = self.state else { return (Next::Keep(self), None) };
+        match Sequence::new(req, cache) {
+            Ok(seq) => {
+                self.state = State::Prefilling { seq, started: Instant::now() };
+                let prompt_tokens = self.request().prompt.len();
+                self.phase = tracing::info_span!(parent: &self.span, "prefill", prompt_tokens);
+                (Next::Keep(self), Some(permit))
             }
-            Phase::Decode => {
-                tracing::info_span!(parent: parent, "decode", generated_tokens = tracing::field::Empty)
+            Err((req, err)) => {
+                self.state = State::Waiting { req, permit };
+                tracing::error!(request_id = %self.id(), error = %err, "cannot start a sequence");
+                (Next::Leave(self, End::Fail("the engine could not start this request")), None)
             }
+        }
+    }
+
+    /// Takes a step's outcome: sends the token (the first moves the entry from prefill to
+    /// decode), and says whether the entry goes on.
+    fn advance(mut self, outcome: Outcome) -> Next {
+        let token = match outcome {
+            Outcome::Prefilled => return Next::Keep(self),
+            Outcome::Failed => return Next::Leave(self, End::Fail("inference failed")),
+            Outcome::Token(token) => token,
         };
+        self.state = match self.state {
+            State::Prefilling { seq, started } => {
+                self.phase = tracing::info_span!(
+                    parent: &self.span,
+                    "decode",
+                    generated_tokens = tracing::field::Empty
+                );
+                State::Decoding { seq, started, first_token: Instant::now() }
+            }
+            state => state,
+        };
+        let finish = token.finish;
+        let sent = self.events.try_send(Event::Token(token)).is_ok();
+        match finish {
+            Some(reason) => Next::Leave(self, End::Finish(reason)),
+            None if !sent => Next::Leave(self, End::Finish(FinishReason::Cancelled)),
+            None => Next::Keep(self),
+        }
     }
-}
 
-/// The phases after `queue` that get their own span.
-#[derive(Debug, Clone, Copy)]
-enum Phase {
-    Prefill,
-    Decode,
+    /// Where its time went, if it ended at `now`.
+    fn timings(&self, now: Instant) -> Timings {
+        let (started, first_token) = match &self.state {
+            State::Waiting { .. } => (now, now),
+            State::Prefilling { started, .. } => (*started, now),
+            State::Decoding { started, first_token, .. } => (*started, *first_token),
+        };
+        Timings {
+            queue: started.saturating_duration_since(self.arrived),
+            prefill: first_token.saturating_duration_since(started),
+            decode: now.saturating_duration_since(first_token),
+        }
+    }
+
+    fn generated(&self) -> usize {
+        match &self.state {
+            State::Waiting { .. } => 0,
+            State::Prefilling { seq, .. } | State::Decoding { seq, .. } => seq.generated(),
+        }
+    }
 }
 
 /// Starts the scheduler thread for `model`.
@@ -261,20 +419,16 @@ pub fn spawn(
 ) -> std::io::Result<(SchedulerHandle, std::thread::JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel();
     let stats = Arc::new(Stats::default());
-    let handle = SchedulerHandle {
-        tx,
-        stats: Arc::clone(&stats),
-        draining: Arc::new(AtomicBool::new(false)),
-        config,
-    };
+    let handle =
+        SchedulerHandle { tx, stats: Arc::clone(&stats), draining: DrainSignal::new(), config };
     let join = std::thread::Builder::new().name("llorch-scheduler".into()).spawn(move || {
         Scheduler {
             model,
             config,
             rx,
             stats,
-            waiting: VecDeque::new(),
-            running: Vec::new(),
+            entries: BTreeMap::new(),
+            arrivals: 0,
             pool: Vec::new(),
             scratch: Scratch::default(),
         }
@@ -288,8 +442,12 @@ struct Scheduler {
     config: SchedulerConfig,
     rx: mpsc::Receiver<Command>,
     stats: Arc<Stats>,
-    waiting: VecDeque<Entry>,
-    running: Vec<Entry>,
+    /// Every live job, by arrival number: iterating gives arrival order, so admission is first
+    /// come first served and batches keep their rows in order. (Not by request id: those are
+    /// the callers', and nothing makes them unique.)
+    entries: BTreeMap<u64, Entry>,
+    /// Jobs received so far (the next arrival number).
+    arrivals: u64,
     pool: Vec<KvCache>,
     scratch: Scratch,
 }
@@ -311,7 +469,7 @@ impl Scheduler {
             self.decode_step();
             self.publish();
         }
-        self.end_all(FinishReason::Cancelled);
+        self.end_where(|_| Some(FinishReason::Cancelled));
         self.publish();
         tracing::info!("scheduler stopped");
     }
@@ -319,8 +477,7 @@ impl Scheduler {
     /// Applies pending commands; blocks while idle. Returns false on Stop or when every handle
     /// is gone.
     fn take_commands(&mut self) -> bool {
-        let idle = self.waiting.is_empty() && self.running.is_empty();
-        let mut next = if idle {
+        let mut next = if self.entries.is_empty() {
             match self.rx.recv() {
                 Ok(cmd) => Some(cmd),
                 Err(_) => return false,
@@ -330,27 +487,23 @@ impl Scheduler {
         };
         while let Some(cmd) = next {
             match cmd {
-                Command::Submit(job, at) => {
-                    tracing::debug!(request_id = %job.req.request_id, "queued");
-                    let phase = tracing::info_span!(parent: &job.span, "queue");
-                    self.waiting.push_back(Entry {
-                        job,
-                        admitted: at,
-                        started: None,
-                        first_token: None,
-                        seq: None,
-                        phase,
-                    });
+                Command::Submit { job, permit, at } => {
+                    let Job { req, events, deadline, span } = job;
+                    tracing::debug!(request_id = %req.request_id, "queued");
+                    let phase = tracing::info_span!(parent: &span, "queue");
+                    let state = State::Waiting { req, permit };
+                    let entry = Entry { events, deadline, span, phase, arrived: at, state };
+                    self.entries.insert(self.arrivals, entry);
+                    self.arrivals += 1;
                 }
                 Command::Abort(ids, reply) => {
-                    let n = self.cancel_where(
-                        |e| ids.iter().any(|id| id == e.id()),
-                        FinishReason::Cancelled,
-                    );
+                    let n = self.end_where(|e| {
+                        ids.iter().any(|id| id == e.id()).then_some(FinishReason::Cancelled)
+                    });
                     let _ = reply.send(n);
                 }
                 Command::CancelAll => {
-                    self.end_all(FinishReason::Cancelled);
+                    self.end_where(|_| Some(FinishReason::Cancelled));
                 }
                 Command::Stop => return false,
             }
@@ -362,179 +515,169 @@ impl Scheduler {
     /// Ends jobs whose client left (silently: nobody reads) or whose deadline passed.
     fn reap(&mut self) {
         let now = Instant::now();
-        self.cancel_where(|e| e.job.events.is_closed(), FinishReason::Cancelled);
-        self.cancel_where(|e| e.job.deadline.is_some_and(|d| now >= d), FinishReason::Deadline);
+        self.end_where(|e| e.expired(now));
     }
 
-    /// Ends every job matching `pred` with `reason`; returns how many.
-    fn cancel_where(&mut self, pred: impl Fn(&Entry) -> bool, reason: FinishReason) -> usize {
-        let mut n = 0;
-        let (keep, gone): (VecDeque<Entry>, VecDeque<Entry>) =
-            self.waiting.drain(..).partition(|e| !pred(e));
-        self.waiting = keep;
-        for e in gone {
-            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
-            self.finish(e, reason);
-            n += 1;
+    /// Ends every job, wherever it is, for which `why` gives a reason; returns how many.
+    fn end_where(&mut self, why: impl Fn(&Entry) -> Option<FinishReason>) -> usize {
+        let ending: Vec<(u64, FinishReason)> =
+            self.entries.iter().filter_map(|(&k, e)| why(e).map(|r| (k, r))).collect();
+        for &(key, reason) in &ending {
+            if let Some(e) = self.entries.remove(&key) {
+                self.end(e, End::Finish(reason));
+            }
         }
-        let (keep, gone): (Vec<Entry>, Vec<Entry>) = self.running.drain(..).partition(|e| !pred(e));
-        self.running = keep;
-        for e in gone {
-            self.finish(e, reason);
-            n += 1;
-        }
-        n
+        ending.len()
     }
 
-    fn end_all(&mut self, reason: FinishReason) {
-        self.cancel_where(|_| true, reason);
+    /// Sequences prefilling or decoding.
+    fn running(&self) -> usize {
+        self.entries.values().filter(|e| !e.is_waiting()).count()
     }
 
-    /// Moves waiting jobs into the running set while there is room.
+    /// Starts waiting jobs, oldest first, while fewer than `max_batch` run.
     fn admit(&mut self) {
-        while self.running.len() < self.config.max_batch {
-            let Some(mut e) = self.waiting.pop_front() else { break };
-            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+        let room = self.config.max_batch.saturating_sub(self.running());
+        let admitted: Vec<u64> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.is_waiting())
+            .map(|(&k, _)| k)
+            .take(room)
+            .collect();
+        for key in admitted {
+            let Some(entry) = self.entries.remove(&key) else { continue };
             let cache =
                 self.pool.pop().unwrap_or_else(|| self.model.new_cache(self.model.config().n_ctx));
-            match Sequence::new(e.job.req.clone(), cache) {
-                Ok(seq) => {
-                    e.seq = Some(seq);
-                    e.started = Some(Instant::now());
-                    e.enter_phase(Phase::Prefill);
-                    self.stats.caches_in_use.fetch_add(1, Ordering::SeqCst);
-                    self.running.push(e);
-                }
-                Err(err) => {
-                    tracing::error!(error = %err, "cannot start a sequence");
-                    let _ = e
-                        .job
-                        .events
-                        .try_send(Event::Error("the engine could not start this request".into()));
-                }
+            let (next, permit) = entry.admit(cache);
+            if permit.is_some() {
+                self.stats.caches_in_use.fetch_add(1, Ordering::SeqCst);
             }
+            self.keep_or_end(key, next);
+            // Counted as running before it stops counting as waiting, so `wait_idle` never sees
+            // it as neither.
+            self.publish();
+            drop(permit);
         }
     }
 
     /// Prefill chunks of prefilling sequences, grouped into forward calls by [`prefill_plan`].
     fn prefill_step(&mut self) {
-        let prefilling = self.running.iter().enumerate().filter_map(|(i, e)| {
-            e.seq.as_ref().filter(|s| s.is_prefilling()).map(|s| (i, s.prompt_remaining()))
+        let prefilling = self.entries.iter().filter_map(|(&k, e)| match &e.state {
+            State::Prefilling { seq, .. } => Some((k, seq.prompt_remaining())),
+            _ => None,
         });
         let groups =
             prefill_plan(prefilling, self.config.prefill_chunk, self.model.shared_prefill());
-        let mut ended: Vec<usize> = Vec::new();
         for group in groups {
-            // Entries that ended in earlier groups shift the later indexes down.
-            let now: Vec<usize> =
-                group.iter().map(|&i| i - ended.iter().filter(|&&r| r < i).count()).collect();
-            let done = self.step(&now, self.config.prefill_chunk);
-            ended.extend(group.iter().zip(done).filter(|(_, d)| *d).map(|(&i, _)| i));
+            let outcomes = self.step(&group, self.config.prefill_chunk);
+            self.apply(outcomes);
         }
     }
 
     /// One batched decode step over every sequence past its prompt.
     fn decode_step(&mut self) {
-        let idx: Vec<usize> = (0..self.running.len())
-            .filter(|&i| {
-                self.running[i]
-                    .seq
-                    .as_ref()
-                    .is_some_and(|s| !s.is_prefilling() && s.generated() > 0)
-            })
+        let decoding: Vec<u64> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| matches!(e.state, State::Decoding { .. }))
+            .map(|(&k, _)| k)
             .collect();
-        if !idx.is_empty() {
-            self.step(&idx, 1);
+        if !decoding.is_empty() {
+            let outcomes = self.step(&decoding, 1);
+            self.apply(outcomes);
             self.stats.decode_steps.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    /// One forward call over the next input (at most `max_tokens` tokens) of running entries
-    /// `idx` (ascending), then each gets its token, or the error. Says, for each, whether it
-    /// ended and left the running set.
-    fn step(&mut self, idx: &[usize], max_tokens: usize) -> Vec<bool> {
-        let mut steps = Vec::with_capacity(idx.len());
-        let mut next = idx.iter().peekable();
-        for (i, e) in self.running.iter_mut().enumerate() {
-            if next.next_if_eq(&&i).is_some()
-                && let Some(seq) = e.seq.as_mut()
-            {
-                steps.push(seq.step(max_tokens));
-            }
-        }
-        let result = self
-            .model
-            .forward(&mut steps, &mut self.scratch, LogitsFor::LastOfEach, None)
-            .map(|l| l.to_owned());
+    /// One forward call over the next input (at most `max_tokens` tokens) of the running
+    /// entries `keys` (ascending); each samples from its row of the logits, in place. Says what
+    /// each got.
+    fn step(&mut self, keys: &[u64], max_tokens: usize) -> Vec<(u64, Outcome)> {
+        let mut seqs: Vec<(u64, &mut Sequence)> = self
+            .entries
+            .iter_mut()
+            .filter(|(k, _)| keys.binary_search(k).is_ok())
+            .filter_map(|(&k, e)| e.sequence_mut().map(|seq| (k, seq)))
+            .collect();
+        let mut steps: Vec<SeqStep<'_>> =
+            seqs.iter_mut().map(|(_, seq)| seq.step(max_tokens)).collect();
+        let logits = self.model.forward(&mut steps, &mut self.scratch, LogitsFor::LastOfEach, None);
         drop(steps);
-        let mut ended = vec![false; idx.len()];
-        // In reverse, so removals do not shift the indexes still to visit (entries are removed
-        // in place, keeping the running set in arrival order).
-        for (row, &i) in idx.iter().enumerate().rev() {
-            let before = self.running.len();
-            match &result {
-                Ok(logits) => {
-                    let event =
-                        self.running[i].seq.as_mut().and_then(|s| s.accept(logits.row(row)));
-                    if let Some(event) = event {
-                        self.deliver(i, event);
-                    }
-                }
-                Err(err) => self.fail(i, err),
+        match logits {
+            Ok(logits) => seqs
+                .into_iter()
+                .zip(logits.rows())
+                .map(|((k, seq), row)| {
+                    (k, seq.accept(row).map_or(Outcome::Prefilled, Outcome::Token))
+                })
+                .collect(),
+            Err(err) => {
+                tracing::error!(error = %err, sequences = seqs.len(), "forward pass failed");
+                seqs.into_iter().map(|(k, _)| (k, Outcome::Failed)).collect()
             }
-            ended[row] = self.running.len() < before;
-        }
-        ended
-    }
-
-    /// Sends a token to running entry `i`; ends it when the token is its last or the client
-    /// is gone.
-    fn deliver(&mut self, i: usize, event: TokenEvent) {
-        let e = &mut self.running[i];
-        if e.first_token.is_none() {
-            e.first_token = Some(Instant::now());
-            e.enter_phase(Phase::Decode);
-        }
-        let finish = event.finish;
-        let sent = e.job.events.try_send(Event::Token(event)).is_ok();
-        if let Some(reason) = finish {
-            let e = self.running.remove(i);
-            self.finish(e, reason);
-        } else if !sent {
-            let e = self.running.remove(i);
-            self.finish(e, FinishReason::Cancelled);
         }
     }
 
-    fn fail(&mut self, i: usize, err: &EngineError) {
-        let e = self.running.remove(i);
-        tracing::error!(request_id = %e.id(), error = %err, "forward pass failed");
-        let _ = e.job.events.try_send(Event::Error("inference failed".into()));
-        if let Some(seq) = e.seq {
-            self.release(seq.into_cache());
+    /// Applies a step's outcomes: each entry takes its own ([`Entry::advance`]), and those that
+    /// ended leave.
+    fn apply(&mut self, outcomes: Vec<(u64, Outcome)>) {
+        for (key, outcome) in outcomes {
+            if let Some(entry) = self.entries.remove(&key) {
+                self.keep_or_end(key, entry.advance(outcome));
+            }
         }
     }
 
-    /// Sends `Finished` (when the client can still read) and frees the entry's cache.
-    fn finish(&mut self, e: Entry, reason: FinishReason) {
-        let now = Instant::now();
-        let started = e.started.unwrap_or(now);
-        let first = e.first_token.unwrap_or(now);
-        let timings = Timings {
-            queue: started.saturating_duration_since(e.admitted),
-            prefill: first.saturating_duration_since(started),
-            decode: now.saturating_duration_since(first),
-        };
-        let generated = e.seq.as_ref().map_or(0, Sequence::generated);
+    /// Puts entry `key` back, or ends it.
+    fn keep_or_end(&mut self, key: u64, next: Next) {
+        match next {
+            Next::Keep(entry) => {
+                self.entries.insert(key, entry);
+            }
+            Next::Leave(entry, end) => self.end(entry, end),
+        }
+    }
+
+    /// Ends `e`: its stream gets `Finished` (when the client can still read) or the error, and
+    /// its cache goes back to the pool.
+    fn end(&mut self, e: Entry, end: End) {
+        match end {
+            End::Finish(reason) => {
+                let finished = self.finished(&e, reason);
+                let _ = e.events.try_send(Event::Finished(finished));
+            }
+            End::Fail(message) => {
+                tracing::error!(request_id = %e.id(), message, "request failed");
+                let _ = e.events.try_send(Event::Error(message.into()));
+            }
+        }
+        match e.state {
+            // Its queue permit is given back here.
+            State::Waiting { .. } => {}
+            State::Prefilling { seq, .. } | State::Decoding { seq, .. } => {
+                self.stats.caches_in_use.fetch_sub(1, Ordering::SeqCst);
+                if self.pool.len() < self.config.max_batch {
+                    self.pool.push(seq.into_cache());
+                }
+            }
+        }
+    }
+
+    /// `e`'s `Finished` event, logged and counted.
+    fn finished(&self, e: &Entry, reason: FinishReason) -> Finished {
+        let timings = e.timings(Instant::now());
+        let generated = e.generated();
         e.phase.record("generated_tokens", generated);
+        let req = e.request();
         let finished = Finished {
             reason,
-            prompt_tokens: e.job.req.prompt.len(),
+            prompt_tokens: req.prompt.len(),
             generated_tokens: generated,
-            seed: e.job.req.sampling.seed,
+            seed: req.sampling.seed,
             timings,
         };
-        let _request = e.job.span.enter();
+        let _request = e.span.enter();
         tracing::info!(
             request_id = %e.id(),
             reason = reason.as_str(),
@@ -546,26 +689,16 @@ impl Scheduler {
             "request finished"
         );
         self.stats.count_finish(reason);
-        let _ = e.job.events.try_send(Event::Finished(finished));
-        if let Some(seq) = e.seq {
-            self.release(seq.into_cache());
-        }
-    }
-
-    fn release(&mut self, cache: KvCache) {
-        self.stats.caches_in_use.fetch_sub(1, Ordering::SeqCst);
-        if self.pool.len() < self.config.max_batch {
-            self.pool.push(cache);
-        }
+        finished
     }
 
     fn publish(&self) {
-        self.stats.running.store(self.running.len(), Ordering::SeqCst);
+        self.stats.running.store(self.running(), Ordering::SeqCst);
     }
 }
 
 /// Which prefill chunks run this iteration, and how they are grouped into forward calls.
-/// `prefilling` gives, oldest first, each prefilling entry's index and prompt tokens left.
+/// `prefilling` gives, oldest first, each prefilling entry's key and prompt tokens left.
 ///
 /// Each prompt is cut into chunks of `chunk` tokens whatever else runs. The oldest chunk always
 /// runs; younger ones join while their tokens fit in a budget of `chunk` tokens, so several
@@ -574,14 +707,14 @@ impl Scheduler {
 /// ([`Gpt2::shared_prefill`]) the chunks of two or more tokens form one group (one `sgemm` per
 /// weight matrix); single-token chunks, whose rows take the small-batch kernel, and every
 /// chunk without `shared`, are groups of their own. Groups come in order of their oldest
-/// entry; each lists its indexes ascending.
-fn prefill_plan(
-    prefilling: impl Iterator<Item = (usize, usize)>,
+/// entry; each lists its keys in the order given.
+fn prefill_plan<K>(
+    prefilling: impl Iterator<Item = (K, usize)>,
     chunk: usize,
     shared: bool,
-) -> Vec<Vec<usize>> {
+) -> Vec<Vec<K>> {
     let mut budget = chunk;
-    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut groups: Vec<Vec<K>> = Vec::new();
     let mut together: Option<usize> = None;
     for (i, remaining) in prefilling {
         let tokens = remaining.min(chunk);
