@@ -10,12 +10,12 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
-use llorch_common::grpc::Health;
-use llorch_common::shutdown::{DrainSignal, drain_with_deadline};
+use llorch_common::grpc::{self, Health};
 use llorch_proto::engine::v1 as pb;
 use llorch_proto::engine::v1::engine_server::{Engine, EngineServer};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::Routes;
 use tonic::{Request, Response, Status};
 
 use crate::error::EngineError;
@@ -292,7 +292,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     config.check()?;
     let addr = listener.local_addr()?;
-    let (health, health_server) = Health::new(llorch_proto::ENGINE_SERVICE).await;
+    let health = Health::new(llorch_proto::ENGINE_SERVICE).await;
     let service = EngineService {
         loaded: Arc::new(OnceLock::new()),
         max_new_tokens_limit: config.max_new_tokens_limit,
@@ -300,18 +300,6 @@ pub async fn run(
     let engine_server = EngineServer::new(service.clone())
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
-    let drain = DrainSignal::new();
-    let server = tonic::transport::Server::builder()
-        .add_service(health_server)
-        .add_service(llorch_common::grpc::reflection()?)
-        .add_service(engine_server)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain.started());
-    let server = async {
-        // Streams were already drained (or cancelled) before the server is told to stop; the
-        // short deadline only covers clients that keep idle connections open.
-        drain_with_deadline(server, drain.started(), Duration::from_secs(5)).await?;
-        anyhow::Ok(())
-    };
     tracing::info!(%addr, model = %config.model.display(), "engine service listening");
 
     let lifecycle = async {
@@ -355,10 +343,12 @@ pub async fn run(
         }
         scheduler.stop();
         let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-        drain.start();
         anyhow::Ok(())
     };
-    tokio::try_join!(lifecycle, server)?;
+    // Streams are drained (or cancelled) before the server is told to stop; its short grace
+    // only covers clients that keep idle connections open.
+    let grace = Duration::from_secs(5);
+    grpc::serve(listener, &health, Routes::new(engine_server), lifecycle, grace).await?;
     tracing::info!("engine service stopped");
     Ok(())
 }
