@@ -254,6 +254,7 @@ fn response_stream(
                             .iter()
                             .map(|&(id, logprob)| pb::TopLogprob { id, logprob })
                             .collect(),
+                        finish_reason: t.finish.map(|r| finish_reason(r) as i32),
                     })),
                 })),
                 Some(Event::Finished(f)) => {
@@ -276,17 +277,20 @@ fn response_stream(
     )
 }
 
-fn finished(f: &scheduler::Finished) -> pb::Finished {
-    let reason = match f.reason {
+fn finish_reason(reason: FinishReason) -> pb::FinishReason {
+    match reason {
         FinishReason::Length => pb::FinishReason::Length,
         FinishReason::Eos => pb::FinishReason::Eos,
         FinishReason::StopToken => pb::FinishReason::StopToken,
         FinishReason::Cancelled => pb::FinishReason::Cancelled,
         FinishReason::Deadline => pb::FinishReason::Deadline,
-    };
+    }
+}
+
+fn finished(f: &scheduler::Finished) -> pb::Finished {
     let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
     pb::Finished {
-        reason: reason as i32,
+        reason: finish_reason(f.reason) as i32,
         prompt_tokens: f.prompt_tokens as u32,
         generated_tokens: f.generated_tokens as u32,
         seed: f.seed,
