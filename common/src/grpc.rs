@@ -1,7 +1,17 @@
-//! gRPC wiring both services share: `grpc.health.v1` and server reflection.
+//! gRPC wiring both services share: `grpc.health.v1`, server reflection, and [`serve`], which
+//! runs a service next to them and stops it gracefully.
 
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tonic::service::Routes;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
-use tonic_health::server::HealthReporter;
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::{HealthReporter, HealthService};
+
+use crate::shutdown::{DrainSignal, drain_with_deadline};
 
 /// The health service of one llorch service. `""` reports liveness (SERVING while the process
 /// runs), the service's full name reports readiness (NOT_SERVING while loading and draining).
@@ -12,17 +22,17 @@ pub struct Health {
 }
 
 impl Health {
-    /// A reporter for `service` (e.g. [`llorch_proto::TOKENIZER_SERVICE`]) that starts NOT_SERVING,
-    /// and the `grpc.health.v1.Health` server to add to the router.
-    pub async fn new(
-        service: &'static str,
-    ) -> (
-        Self,
-        tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
-    ) {
-        let (reporter, server) = tonic_health::server::health_reporter();
+    /// A reporter for `service` (e.g. [`llorch_proto::TOKENIZER_SERVICE`]) that starts
+    /// NOT_SERVING.
+    pub async fn new(service: &'static str) -> Self {
+        let reporter = HealthReporter::new();
         reporter.set_service_status(service, ServingStatus::NotServing).await;
-        (Self { reporter, service }, server)
+        Self { reporter, service }
+    }
+
+    /// The `grpc.health.v1.Health` server answering from this reporter.
+    fn server(&self) -> HealthServer<HealthService> {
+        HealthServer::new(HealthService::from_health_reporter(self.reporter.clone()))
     }
 
     /// The service is loaded and takes work.
@@ -49,4 +59,37 @@ pub fn reflection() -> anyhow::Result<
         .register_encoded_file_descriptor_set(llorch_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| anyhow::anyhow!("cannot build the reflection service: {e}"))
+}
+
+/// Serves `routes` (one llorch service) next to `health` and reflection on `listener`, while
+/// `lifecycle` runs.
+///
+/// `lifecycle` is the service's life: load, [`Health::ready`], wait for shutdown,
+/// [`Health::draining`], finish its own work. When it returns `Ok`, the server stops accepting
+/// calls and those in flight get `grace` to finish; then every connection is closed. An error
+/// from `lifecycle` (a load failure) stops the server at once and is returned.
+pub async fn serve(
+    listener: TcpListener,
+    health: &Health,
+    routes: Routes,
+    lifecycle: impl Future<Output = anyhow::Result<()>>,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    let drain = DrainSignal::new();
+    let server = tonic::transport::Server::builder()
+        .add_routes(routes)
+        .add_service(health.server())
+        .add_service(reflection()?)
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener), drain.started());
+    let server = async {
+        drain_with_deadline(server, drain.started(), grace).await?;
+        anyhow::Ok(())
+    };
+    let lifecycle = async {
+        lifecycle.await?;
+        drain.start();
+        anyhow::Ok(())
+    };
+    tokio::try_join!(lifecycle, server)?;
+    Ok(())
 }

@@ -656,3 +656,49 @@ async fn last_event(
         other => panic!("stream ended without Finished: {other:?}"),
     }
 }
+
+/// The engine says which token is the last: exactly that token carries `finish_reason`, equal
+/// to the `Finished.reason` that follows; a stream cut short (here by Abort) has none.
+#[tokio::test]
+async fn last_token_carries_the_finish_reason() {
+    let (svc, mut client) = started(|_| {}).await;
+    let reasons =
+        |tokens: &[Token]| -> Vec<Option<i32>> { tokens.iter().map(|t| t.finish_reason).collect() };
+
+    // The length limit.
+    let (tokens, fin) =
+        collect(&mut client, request("len", vec![1, 2, 3], 8, greedy())).await.unwrap();
+    assert_eq!(fin.reason, FinishReason::Length as i32);
+    let mut want = vec![None; 7];
+    want.push(Some(fin.reason));
+    assert_eq!(reasons(&tokens), want, "LENGTH");
+
+    // A stop token: the greedy stream's fourth token, which ends it where it first appears.
+    let stop_id = tokens[3].id;
+    let first = tokens.iter().position(|t| t.id == stop_id).unwrap();
+    let mut req = request("stop", vec![1, 2, 3], 8, greedy());
+    req.stopping = Some(StoppingCriteria {
+        max_new_tokens: 8,
+        stop_token_ids: vec![stop_id],
+        ignore_eos: true,
+    });
+    let (tokens, fin) = collect(&mut client, req).await.unwrap();
+    assert_eq!(fin.reason, FinishReason::StopToken as i32);
+    let mut want = vec![None; first];
+    want.push(Some(fin.reason));
+    assert_eq!(reasons(&tokens), want, "STOP_TOKEN");
+
+    // Cancelled: no token ended the stream, so none says so.
+    let mut stream = running_stream(&mut client, "cut", vec![4, 5, 6]).await;
+    client.abort(AbortRequest { request_ids: vec!["cut".into()] }).await.unwrap();
+    let mut fin = None;
+    while let Some(msg) = stream.next().await {
+        match msg.unwrap().event {
+            Some(Event::Token(t)) => assert_eq!(t.finish_reason, None, "token {}", t.index),
+            Some(Event::Finished(f)) => fin = Some(f.reason),
+            None => panic!("empty event"),
+        }
+    }
+    assert_eq!(fin, Some(FinishReason::Cancelled as i32));
+    svc.stop().await.unwrap();
+}

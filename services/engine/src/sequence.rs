@@ -63,14 +63,20 @@ pub struct Sequence {
 
 impl Sequence {
     /// Starts `req` with `cache` (reset here; it must hold prompt + max_new_tokens positions).
-    pub fn new(req: ValidRequest, mut cache: KvCache) -> Result<Self, EngineError> {
+    /// When it cannot, the request comes back with the error, so its owner can still answer it.
+    #[expect(
+        clippy::result_large_err,
+        reason = "the request is no larger than the Sequence it would be part of"
+    )]
+    pub fn new(req: ValidRequest, mut cache: KvCache) -> Result<Self, (ValidRequest, EngineError)> {
         cache.reset();
         let need = req.prompt.len() + req.stopping.max_new_tokens;
         if cache.capacity() < need {
-            return Err(EngineError::Internal(format!(
+            let err = EngineError::Internal(format!(
                 "cache holds {} positions, {need} needed",
                 cache.capacity()
-            )));
+            ));
+            return Err((req, err));
         }
         let history = req.prompt.clone();
         Ok(Self { sampler: Sampler::new(req.sampling), req, cache, history })
@@ -167,7 +173,7 @@ pub fn generate(
     mut on_token: impl FnMut(&TokenEvent),
 ) -> Result<Generation, EngineError> {
     let cache = model.new_cache(req.prompt.len() + req.stopping.max_new_tokens);
-    let mut seq = Sequence::new(req, cache)?;
+    let mut seq = Sequence::new(req, cache).map_err(|(_, err)| err)?;
     let mut scratch = Scratch::default();
     let mut tokens = Vec::new();
     let started = std::time::Instant::now();

@@ -10,74 +10,109 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
-use llorch_common::grpc::Health;
-use llorch_common::shutdown::{DrainSignal, drain_with_deadline};
+use llorch_common::grpc::{self, Health};
 use llorch_proto::engine::v1 as pb;
 use llorch_proto::engine::v1::engine_server::{Engine, EngineServer};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::Routes;
 use tonic::{Request, Response, Status};
 
 use crate::error::EngineError;
 use crate::layers::gemm::SMALL_M;
 use crate::model::Gpt2;
 use crate::request::validate;
-use crate::scheduler::{self, Event, Job, SchedulerConfig, SchedulerHandle};
-use crate::sequence::{DEFAULT_PREFILL_CHUNK, FinishReason};
+use crate::scheduler::{self, Event, Job, SchedulerConfig, SchedulerHandle, event_capacity};
+use crate::sequence::FinishReason;
+
+/// The defaults of [`ServeConfig`], declared once for its flags and [`ServeConfig::new`].
+pub mod defaults {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    /// Model folder.
+    pub const MODEL: &str = "models/default";
+    /// Address to bind.
+    pub const HOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    /// Port to bind.
+    pub const PORT: u16 = 50052;
+    /// Most sequences decoded together.
+    pub const MAX_BATCH: usize = 8;
+    /// Most requests waiting for a batch slot.
+    pub const MAX_QUEUE: usize = 64;
+    /// Compute threads; 0 = all cores.
+    pub const THREADS: usize = 0;
+    /// Largest max_new_tokens a request may ask for.
+    pub const MAX_NEW_TOKENS_LIMIT: usize = 2048;
+    /// Prompt tokens per prefill step.
+    pub const PREFILL_CHUNK: usize = crate::sequence::DEFAULT_PREFILL_CHUNK;
+    /// Seconds running streams get to finish after SIGTERM/SIGINT.
+    pub const GRACE_SECS: f64 = 30.0;
+    /// Largest gRPC message accepted, in bytes (tonic's own limit for received messages).
+    pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
+}
 
 /// How `llorch-engine serve` runs; every field is a `--flag` with an env fallback.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeConfig {
     /// Model folder (config.json + model.safetensors).
-    #[arg(long, env = "LLORCH_MODEL", default_value = "models/default")]
+    #[arg(long, env = "LLORCH_MODEL", default_value = defaults::MODEL)]
     pub model: PathBuf,
     /// Name reported by `Info` (default: the model folder's name).
     #[arg(long, env = "LLORCH_MODEL_NAME")]
     pub model_name: Option<String>,
     /// Address to bind.
-    #[arg(long, env = "LLORCH_ENGINE_HOST", default_value = "127.0.0.1")]
+    #[arg(long, env = "LLORCH_ENGINE_HOST", default_value_t = defaults::HOST)]
     pub host: IpAddr,
     /// Port to bind; 0 picks a free one (the bound address is logged).
-    #[arg(long, env = "LLORCH_ENGINE_PORT", default_value_t = 50052)]
+    #[arg(long, env = "LLORCH_ENGINE_PORT", default_value_t = defaults::PORT)]
     pub port: u16,
     /// Most sequences decoded together (1..=32).
-    #[arg(long, env = "LLORCH_MAX_BATCH", default_value_t = 8)]
+    #[arg(long, env = "LLORCH_MAX_BATCH", default_value_t = defaults::MAX_BATCH)]
     pub max_batch: usize,
     /// Most requests waiting for a batch slot; more are refused with RESOURCE_EXHAUSTED.
-    #[arg(long, env = "LLORCH_MAX_QUEUE", default_value_t = 64)]
+    #[arg(long, env = "LLORCH_MAX_QUEUE", default_value_t = defaults::MAX_QUEUE)]
     pub max_queue: usize,
     /// Compute threads (OpenBLAS and the engine's pool); 0 = all cores.
-    #[arg(long, env = "LLORCH_THREADS", default_value_t = 0)]
+    #[arg(long, env = "LLORCH_THREADS", default_value_t = defaults::THREADS)]
     pub threads: usize,
     /// Largest max_new_tokens a request may ask for.
-    #[arg(long, env = "LLORCH_MAX_NEW_TOKENS_LIMIT", default_value_t = 2048)]
+    #[arg(
+        long,
+        env = "LLORCH_MAX_NEW_TOKENS_LIMIT",
+        default_value_t = defaults::MAX_NEW_TOKENS_LIMIT
+    )]
     pub max_new_tokens_limit: usize,
     /// Prompt tokens per prefill step (long prompts are cut so running streams keep flowing).
-    #[arg(long, env = "LLORCH_PREFILL_CHUNK", default_value_t = DEFAULT_PREFILL_CHUNK)]
+    #[arg(long, env = "LLORCH_PREFILL_CHUNK", default_value_t = defaults::PREFILL_CHUNK)]
     pub prefill_chunk: usize,
     /// Seconds running streams get to finish after SIGTERM/SIGINT before they are cancelled.
-    #[arg(long, env = "LLORCH_ENGINE_GRACE_SECS", default_value_t = 30.0)]
+    #[arg(long, env = "LLORCH_ENGINE_GRACE_SECS", default_value_t = defaults::GRACE_SECS)]
     pub grace_secs: f64,
     /// Largest gRPC message accepted, in bytes.
-    #[arg(long, env = "LLORCH_ENGINE_MAX_MESSAGE_BYTES", default_value_t = 4 << 20)]
+    #[arg(
+        long,
+        env = "LLORCH_ENGINE_MAX_MESSAGE_BYTES",
+        default_value_t = defaults::MAX_MESSAGE_BYTES
+    )]
     pub max_message_bytes: usize,
 }
 
 impl ServeConfig {
-    /// A configuration with every default, for `model`.
+    /// A configuration with every default, for `model`. (`host` and `port` are only read by the
+    /// binary, which binds; [`run`] serves the listener it is given.)
     pub fn new(model: PathBuf) -> Self {
         Self {
             model,
             model_name: None,
-            host: [127, 0, 0, 1].into(),
-            port: 0,
-            max_batch: 8,
-            max_queue: 64,
-            threads: 0,
-            max_new_tokens_limit: 2048,
-            prefill_chunk: DEFAULT_PREFILL_CHUNK,
-            grace_secs: 30.0,
-            max_message_bytes: 4 << 20,
+            host: defaults::HOST,
+            port: defaults::PORT,
+            max_batch: defaults::MAX_BATCH,
+            max_queue: defaults::MAX_QUEUE,
+            threads: defaults::THREADS,
+            max_new_tokens_limit: defaults::MAX_NEW_TOKENS_LIMIT,
+            prefill_chunk: defaults::PREFILL_CHUNK,
+            grace_secs: defaults::GRACE_SECS,
+            max_message_bytes: defaults::MAX_MESSAGE_BYTES,
         }
     }
 
@@ -141,7 +176,8 @@ impl Engine for EngineService {
         let deadline = grpc_timeout(request.metadata()).map(|d| Instant::now() + d);
         let req = validate(request.into_inner(), engine.model.config(), self.max_new_tokens_limit)?;
         tracing::Span::current().record("request_id", req.request_id.as_str());
-        let (tx, rx) = tokio::sync::mpsc::channel(req.stopping.max_new_tokens + 2);
+        // Room for every event the stream can get: the scheduler never waits on a slow reader.
+        let (tx, rx) = tokio::sync::mpsc::channel(event_capacity(req.stopping.max_new_tokens));
         let span = tracing::Span::current();
         engine.scheduler.submit(Job { req, events: tx, deadline, span })?;
         Ok(Response::new(Box::pin(response_stream(rx))))
@@ -220,6 +256,7 @@ fn response_stream(
                             .iter()
                             .map(|&(id, logprob)| pb::TopLogprob { id, logprob })
                             .collect(),
+                        finish_reason: t.finish.map(|r| finish_reason(r) as i32),
                     })),
                 })),
                 Some(Event::Finished(f)) => {
@@ -242,17 +279,20 @@ fn response_stream(
     )
 }
 
-fn finished(f: &scheduler::Finished) -> pb::Finished {
-    let reason = match f.reason {
+fn finish_reason(reason: FinishReason) -> pb::FinishReason {
+    match reason {
         FinishReason::Length => pb::FinishReason::Length,
         FinishReason::Eos => pb::FinishReason::Eos,
         FinishReason::StopToken => pb::FinishReason::StopToken,
         FinishReason::Cancelled => pb::FinishReason::Cancelled,
         FinishReason::Deadline => pb::FinishReason::Deadline,
-    };
+    }
+}
+
+fn finished(f: &scheduler::Finished) -> pb::Finished {
     let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
     pb::Finished {
-        reason: reason as i32,
+        reason: finish_reason(f.reason) as i32,
         prompt_tokens: f.prompt_tokens as u32,
         generated_tokens: f.generated_tokens as u32,
         seed: f.seed,
@@ -294,7 +334,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     config.check()?;
     let addr = listener.local_addr()?;
-    let (health, health_server) = Health::new(llorch_proto::ENGINE_SERVICE).await;
+    let health = Health::new(llorch_proto::ENGINE_SERVICE).await;
     let service = EngineService {
         loaded: Arc::new(OnceLock::new()),
         max_new_tokens_limit: config.max_new_tokens_limit,
@@ -302,18 +342,6 @@ pub async fn run(
     let engine_server = EngineServer::new(service.clone())
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
-    let drain = DrainSignal::new();
-    let server = tonic::transport::Server::builder()
-        .add_service(health_server)
-        .add_service(llorch_common::grpc::reflection()?)
-        .add_service(engine_server)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain.started());
-    let server = async {
-        // Streams were already drained (or cancelled) before the server is told to stop; the
-        // short deadline only covers clients that keep idle connections open.
-        drain_with_deadline(server, drain.started(), Duration::from_secs(5)).await?;
-        anyhow::Ok(())
-    };
     tracing::info!(%addr, model = %config.model.display(), "engine service listening");
 
     let lifecycle = async {
@@ -357,10 +385,12 @@ pub async fn run(
         }
         scheduler.stop();
         let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-        drain.start();
         anyhow::Ok(())
     };
-    tokio::try_join!(lifecycle, server)?;
+    // Streams are drained (or cancelled) before the server is told to stop; its short grace
+    // only covers clients that keep idle connections open.
+    let grace = Duration::from_secs(5);
+    grpc::serve(listener, &health, Routes::new(engine_server), lifecycle, grace).await?;
     tracing::info!("engine service stopped");
     Ok(())
 }

@@ -31,23 +31,34 @@ impl ServeConfig {
     }
 }
 
+/// Longest text `Encode` accepts unless configured otherwise, in UTF-8 bytes (1 MiB).
+pub const DEFAULT_MAX_TEXT_BYTES: usize = 1 << 20;
+/// Most ids per `Decode` request or `DecodeStream` message unless configured otherwise.
+pub const DEFAULT_MAX_IDS: usize = 1 << 18;
+/// Largest gRPC message accepted unless configured otherwise (tonic's own default, 4 MiB).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 << 20;
+
 /// Request size limits. Anything over them is refused with `INVALID_ARGUMENT` (or, for whole
 /// messages over `max_message_bytes`, by tonic with `OUT_OF_RANGE`) and the server keeps serving.
 #[derive(Debug, Clone, Copy, clap::Args)]
 pub struct Limits {
     /// Longest text `Encode` accepts, in UTF-8 bytes.
-    #[arg(long, env = "LLORCH_TOKENIZER_MAX_TEXT_BYTES", default_value_t = 1 << 20)]
+    #[arg(long, env = "LLORCH_TOKENIZER_MAX_TEXT_BYTES", default_value_t = DEFAULT_MAX_TEXT_BYTES)]
     pub max_text_bytes: usize,
     /// Most ids one `Decode` request or one `DecodeStream` message may carry.
-    #[arg(long, env = "LLORCH_TOKENIZER_MAX_IDS", default_value_t = 1 << 18)]
+    #[arg(long, env = "LLORCH_TOKENIZER_MAX_IDS", default_value_t = DEFAULT_MAX_IDS)]
     pub max_ids: usize,
     /// Largest gRPC message accepted, in bytes.
-    #[arg(long, env = "LLORCH_TOKENIZER_MAX_MESSAGE_BYTES", default_value_t = 4 << 20)]
+    #[arg(long, env = "LLORCH_TOKENIZER_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_text_bytes: 1 << 20, max_ids: 1 << 18, max_message_bytes: 4 << 20 }
+        Self {
+            max_text_bytes: DEFAULT_MAX_TEXT_BYTES,
+            max_ids: DEFAULT_MAX_IDS,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+        }
     }
 }

@@ -11,12 +11,12 @@ use llorch_proto::tokenizer::v1 as pb;
 use llorch_proto::tokenizer::v1::tokenizer_server::{Tokenizer, TokenizerServer};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::Routes;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use llorch_common::grpc::Health;
-use llorch_common::shutdown::{DrainSignal, drain_with_deadline};
+use llorch_common::grpc::{self, Health};
 
 use crate::bpe::BpeTokenizer;
 use crate::config::{Limits, ServeConfig};
@@ -197,23 +197,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
-    let (health, health_server) = Health::new(llorch_proto::TOKENIZER_SERVICE).await;
+    let health = Health::new(llorch_proto::TOKENIZER_SERVICE).await;
     let service = TokenizerService::loading(config.limits);
     let max_message = config.limits.max_message_bytes;
     let tokenizer_server = TokenizerServer::new(service.clone())
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
-
-    let drain = DrainSignal::new();
-    let server = tonic::transport::Server::builder()
-        .add_service(health_server)
-        .add_service(llorch_common::grpc::reflection()?)
-        .add_service(tokenizer_server)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain.started());
-    let server = async {
-        drain_with_deadline(server, drain.started(), config.grace()).await?;
-        anyhow::Ok(())
-    };
     tracing::info!(%addr, model = %config.model.display(), "tokenizer service listening");
 
     let lifecycle = async {
@@ -229,10 +218,10 @@ pub async fn run(
         health.ready().await;
         shutdown.await;
         health.draining().await;
-        drain.start();
         anyhow::Ok(())
     };
-    tokio::try_join!(lifecycle, server)?;
+    grpc::serve(listener, &health, Routes::new(tokenizer_server), lifecycle, config.grace())
+        .await?;
     tracing::info!("tokenizer service stopped");
     Ok(())
 }
