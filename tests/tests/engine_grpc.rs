@@ -86,16 +86,9 @@ async fn wait_info(
 }
 
 fn reference_ids(model: &str, prompt: &str) -> (Vec<u32>, Vec<u32>) {
-    let meta: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(
-            repo_root().join(format!("fixtures/reference/{model}/{prompt}/meta.json")),
-        )
-        .unwrap(),
-    )
-    .unwrap();
-    let ids =
-        |k: &str| meta[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-    (ids("prompt_ids"), ids("greedy_24"))
+    let dir = repo_root().join(format!("fixtures/reference/{model}/{prompt}"));
+    let meta = llorch_engine::reference::Meta::read(&dir).unwrap();
+    (meta.prompt_ids, meta.greedy_24)
 }
 
 /// The same request run alone by the library, as (ids, logprobs).

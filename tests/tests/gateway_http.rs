@@ -34,14 +34,8 @@ fn tokenizer() -> llorch_tokenizer::BpeTokenizer {
 }
 
 fn reference_greedy(prompt: &str) -> Vec<u32> {
-    let meta: Value = serde_json::from_str(
-        &std::fs::read_to_string(
-            repo_root().join(format!("fixtures/reference/tiny/{prompt}/meta.json")),
-        )
-        .unwrap(),
-    )
-    .unwrap();
-    meta["greedy_24"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+    let dir = repo_root().join(format!("fixtures/reference/tiny/{prompt}"));
+    llorch_engine::reference::Meta::read(&dir).unwrap().greedy_24
 }
 
 async fn engine_running(stack: &Stack) -> u32 {

@@ -2,10 +2,12 @@
 //! per-sequence KV cache, sampling and a batch-invariant decode path.
 //!
 //! * [`Gpt2`] loads a model folder ([`weights`], [`config`]) and runs [`Gpt2::forward`] over
-//!   any mix of prefill chunks and decode tokens ([`layers`] holds the ops).
+//!   a step of prefill chunks or of decode tokens ([`layers`] holds the ops).
 //! * [`validate`] turns a `GenerateRequest` into a [`ValidRequest`]; a [`Sequence`] generates
 //!   for it with its own [`KvCache`] and [`sampling::Sampler`]; [`generate`] runs one alone.
-//! * [`bench`], [`dump`] and [`random`] back the `llorch-engine` subcommands.
+//! * [`bench`](mod@bench), [`dump`] and [`random`] back the `llorch-engine` subcommands;
+//!   [`reference`](mod@reference) reads and writes the checkpoint folders that the dump and
+//!   the tests share.
 
 // Links the system OpenBLAS that ndarray's `blas` feature calls into.
 extern crate blas_src;
@@ -21,6 +23,7 @@ pub mod layers;
 pub mod model;
 pub mod npy;
 pub mod random;
+pub mod reference;
 pub mod request;
 pub mod sampling;
 pub mod scheduler;

@@ -1,7 +1,8 @@
 //! GPT-2, shaped like the checkpoint: struct fields are the tensor names (`wte`, `wpe`,
 //! `h.{i}.ln_1`, `attn.c_attn`, `attn.c_proj`, `ln_2`, `mlp.c_fc`, `mlp.c_proj`, `ln_f`); each
-//! struct has `load` and `forward`. Weights are immutable and shared; all per-sequence state is
-//! in [`KvCache`] and per-step buffers in [`Scratch`].
+//! struct has `load` and `forward`. Each `load` names its tensors with their shapes, once
+//! ([`Weights::take`]). Weights are immutable and shared; all per-sequence state is in
+//! [`KvCache`] and per-step buffers in [`Scratch`].
 //!
 //! One forward call runs either prefill chunks (`S ≥ 2` tokens each) of one or more sequences,
 //! or a decode step of one token for each of several sequences. The rows of all sequences are
@@ -10,7 +11,7 @@
 
 use std::path::Path;
 
-use ndarray::{Array2, ArrayD, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, s};
+use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, s};
 
 use crate::config::{Gpt2Config, ModelConfig};
 use crate::error::EngineError;
@@ -18,6 +19,11 @@ use crate::kv_cache::KvCache;
 use crate::layers::gemm::SMALL_M;
 use crate::layers::{self, Kernel};
 use crate::weights::{Param, Weights};
+
+mod step;
+
+use step::record;
+pub use step::{LogitsFor, Scratch, SeqStep, Trace};
 
 /// `ln_1`, `ln_2`, `ln_f`.
 #[derive(Debug)]
@@ -28,12 +34,8 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
-    fn load(w: &mut Weights, prefix: &str, eps: f32) -> Result<Self, EngineError> {
-        Ok(Self {
-            weight: w.take(&format!("{prefix}.weight"))?,
-            bias: w.take(&format!("{prefix}.bias"))?,
-            eps,
-        })
+    fn load(w: &mut Weights, c: usize, eps: f32) -> Result<Self, EngineError> {
+        Ok(Self { weight: w.take("weight", [c])?, bias: w.take("bias", [c])?, eps })
     }
 
     /// `x: (N, C)` → `out: (N, C)`.
@@ -50,11 +52,8 @@ pub struct Conv1D {
 }
 
 impl Conv1D {
-    fn load(w: &mut Weights, prefix: &str) -> Result<Self, EngineError> {
-        Ok(Self {
-            weight: w.take(&format!("{prefix}.weight"))?,
-            bias: w.take(&format!("{prefix}.bias"))?,
-        })
+    fn load(w: &mut Weights, n_in: usize, n_out: usize) -> Result<Self, EngineError> {
+        Ok(Self { weight: w.take("weight", [n_in, n_out])?, bias: w.take("bias", [n_out])? })
     }
 
     /// `x: (N, IN)` → `out: (N, OUT)`.
@@ -68,6 +67,119 @@ impl Conv1D {
 pub struct Attention {
     c_attn: Conv1D,
     c_proj: Conv1D,
+    n_head: usize,
+    n_embd: usize,
+}
+
+impl Attention {
+    fn load(w: &mut Weights, cfg: &ModelConfig) -> Result<Self, EngineError> {
+        let c = cfg.n_embd;
+        // Hub files carry the causal mask as buffers; attention masks by position instead.
+        w.ignore("bias");
+        w.ignore("masked_bias");
+        let c_attn = Conv1D::load(&mut w.pp("c_attn"), c, 3 * c)?;
+        let c_proj = Conv1D::load(&mut w.pp("c_proj"), c, c)?;
+        Ok(Self { c_attn, c_proj, n_head: cfg.n_head, n_embd: c })
+    }
+
+    /// `ln: (N, C)` → `proj: (N, C)`: `c_attn` to Q, K, V; each sequence's K and V written
+    /// into its cache (layer `layer`); each sequence's attention against its own cache;
+    /// `c_proj`. Traced: `q`, `k`, `v`, `att_scores`.
+    fn forward(
+        &self,
+        layer: usize,
+        seqs: &mut [SeqStep<'_>],
+        sc: &mut Scratch,
+        kernel: Kernel,
+        mut trace: Option<&mut Trace>,
+    ) -> Result<(), EngineError> {
+        let (n, c) = (sc.tokens.len(), self.n_embd);
+        let rows = s![..n, ..];
+        self.c_attn.forward(sc.qkv.slice_mut(rows), sc.ln.slice(rows), kernel);
+        record(&mut trace, "q", sc.qkv.slice(s![..n, ..c]));
+        record(&mut trace, "k", sc.qkv.slice(s![..n, c..2 * c]));
+        record(&mut trace, "v", sc.qkv.slice(s![..n, 2 * c..]));
+        let mut row = 0;
+        for seq in seqs.iter_mut() {
+            let qkv = sc.qkv.slice(s![row..row + seq.tokens.len(), ..]);
+            seq.cache.write(layer, qkv.slice(s![.., c..2 * c]), qkv.slice(s![.., 2 * c..]));
+            row += seq.tokens.len();
+        }
+        if trace.is_none() && seqs.iter().all(|s| s.tokens.len() == 1) {
+            self.attend_decode(layer, seqs, sc);
+        } else {
+            self.attend(layer, seqs, sc, trace)?;
+        }
+        self.c_proj.forward(sc.proj.slice_mut(rows), sc.atty.slice(rows), kernel);
+        Ok(())
+    }
+
+    /// `qkv: (N, 3C)` → `atty: (N, C)`, one sequence after the other.
+    fn attend(
+        &self,
+        layer: usize,
+        seqs: &[SeqStep<'_>],
+        sc: &mut Scratch,
+        mut trace: Option<&mut Trace>,
+    ) -> Result<(), EngineError> {
+        let nh = self.n_head;
+        let mut row = 0;
+        for seq in seqs {
+            let s_len = seq.tokens.len();
+            let rows = s![row..row + s_len, ..];
+            let p_len = seq.cache.len() + s_len;
+            let (k, v) = seq.cache.view(layer, p_len);
+            let mut scores = trace.as_ref().map(|_| Array2::<f32>::zeros((nh * s_len, p_len)));
+            layers::attention(
+                sc.atty.slice_mut(rows),
+                sc.qkv.slice(rows),
+                k,
+                v,
+                nh,
+                &mut sc.att,
+                scores.as_mut().map(|a| a.view_mut()),
+            );
+            if let (Some(t), Some(scores)) = (trace.as_deref_mut(), scores) {
+                let scores = scores
+                    .into_shape_with_order((nh, s_len, p_len))
+                    .map_err(|e| EngineError::Internal(e.to_string()))?;
+                t.record("att_scores", scores.into_dyn());
+            }
+            row += s_len;
+        }
+        Ok(())
+    }
+
+    /// A decode step (one new row per sequence): each sequence's attention on the pool, in
+    /// parallel; each is computed the same way whatever else is in the batch.
+    fn attend_decode(&self, layer: usize, seqs: &[SeqStep<'_>], sc: &mut Scratch) {
+        use rayon::prelude::*;
+        let (nh, c, n) = (self.n_head, self.n_embd, seqs.len());
+        let inputs: Vec<_> = seqs
+            .iter()
+            .enumerate()
+            .map(|(i, seq)| {
+                let (k, v) = seq.cache.view(layer, seq.cache.len() + 1);
+                (sc.qkv.slice(s![i, ..c]), k, v)
+            })
+            .collect();
+        let mut rows = sc.atty.slice_mut(s![..n, ..]);
+        let mut outs: Vec<ArrayViewMut1<'_, f32>> = rows.axis_iter_mut(ndarray::Axis(0)).collect();
+        if n == 1 {
+            let mut scores = Vec::new();
+            outs.iter_mut()
+                .zip(&inputs)
+                .for_each(|(out, input)| decode_one(nh, out, input, &mut scores));
+        } else {
+            crate::threads::pool().install(|| {
+                outs.par_iter_mut()
+                    .zip(inputs.par_iter())
+                    .for_each_init(Vec::new, |scores, (out, input)| {
+                        decode_one(nh, out, input, scores)
+                    });
+            });
+        }
+    }
 }
 
 /// `mlp`: `c_fc` (C → F), tanh GELU, `c_proj` (F → C).
@@ -75,6 +187,23 @@ pub struct Attention {
 pub struct Mlp {
     c_fc: Conv1D,
     c_proj: Conv1D,
+}
+
+impl Mlp {
+    fn load(w: &mut Weights, cfg: &ModelConfig) -> Result<Self, EngineError> {
+        let (c, f) = (cfg.n_embd, cfg.n_inner);
+        let c_fc = Conv1D::load(&mut w.pp("c_fc"), c, f)?;
+        let c_proj = Conv1D::load(&mut w.pp("c_proj"), f, c)?;
+        Ok(Self { c_fc, c_proj })
+    }
+
+    /// `ln: (N, C)` → `fch: (N, F)` → `proj: (N, C)`.
+    fn forward(&self, sc: &mut Scratch, kernel: Kernel) {
+        let rows = s![..sc.tokens.len(), ..];
+        self.c_fc.forward(sc.fch.slice_mut(rows), sc.ln.slice(rows), kernel);
+        layers::gelu(sc.fch.slice_mut(rows));
+        self.c_proj.forward(sc.proj.slice_mut(rows), sc.fch.slice(rows), kernel);
+    }
 }
 
 /// `h.{i}`: pre-norm block, `h = x + attn(ln_1(x))`, `out = h + mlp(ln_2(h))`.
@@ -87,99 +216,39 @@ pub struct Block {
 }
 
 impl Block {
-    fn load(w: &mut Weights, i: usize, eps: f32) -> Result<Self, EngineError> {
-        let p = |s: &str| format!("h.{i}.{s}");
-        Ok(Self {
-            ln_1: LayerNorm::load(w, &p("ln_1"), eps)?,
-            attn: Attention {
-                c_attn: Conv1D::load(w, &p("attn.c_attn"))?,
-                c_proj: Conv1D::load(w, &p("attn.c_proj"))?,
-            },
-            ln_2: LayerNorm::load(w, &p("ln_2"), eps)?,
-            mlp: Mlp {
-                c_fc: Conv1D::load(w, &p("mlp.c_fc"))?,
-                c_proj: Conv1D::load(w, &p("mlp.c_proj"))?,
-            },
-        })
-    }
-}
-
-/// One sequence's part of a forward step: its new tokens and its cache (which already holds
-/// `cache.len()` earlier positions).
-#[derive(Debug)]
-pub struct SeqStep<'a> {
-    /// The new tokens (a prefill chunk, or one decode token).
-    pub tokens: &'a [u32],
-    /// The sequence's KV cache; advanced by `tokens.len()` when the step ends.
-    pub cache: &'a mut KvCache,
-}
-
-/// Which rows get logits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogitsFor {
-    /// The last new row of each sequence (what sampling needs): `(B, V)`.
-    LastOfEach,
-    /// Every new row: `(N, V)` (checkpoint 8, the dump tool).
-    AllRows,
-}
-
-/// Intermediate tensors of block 0 recorded by a traced forward (one sequence), named as in
-/// `fixtures/reference`: `ln1`, `q`, `k`, `v`, `att_scores` `(NH, S, P)`, `attn_out`, `mlp_in`,
-/// `mlp_out`, `block0_out`.
-#[derive(Debug, Default)]
-pub struct Trace {
-    /// `(name, tensor)` in the order recorded.
-    pub tensors: Vec<(&'static str, ArrayD<f32>)>,
-}
-
-impl Trace {
-    fn record(&mut self, name: &'static str, t: ArrayD<f32>) {
-        self.tensors.push((name, t));
-    }
-
-    /// The tensor recorded under `name`.
-    pub fn get(&self, name: &str) -> Option<&ArrayD<f32>> {
-        self.tensors.iter().find(|(n, _)| *n == name).map(|(_, t)| t)
-    }
-}
-
-/// Per-step activation buffers, grown on demand and reused across steps so the decode loop does
-/// not allocate.
-#[derive(Debug, Default)]
-pub struct Scratch {
-    rows: usize,
-    x: Array2<f32>,
-    ln: Array2<f32>,
-    qkv: Array2<f32>,
-    atty: Array2<f32>,
-    proj: Array2<f32>,
-    fch: Array2<f32>,
-    last: Array2<f32>,
-    logits: Array2<f32>,
-    att: Vec<f32>,
-    tokens: Vec<u32>,
-    positions: Vec<usize>,
-}
-
-impl Scratch {
-    fn ensure(&mut self, cfg: &ModelConfig, rows: usize, logit_rows: usize, att: usize) {
+    fn load(w: &mut Weights, cfg: &ModelConfig) -> Result<Self, EngineError> {
         let c = cfg.n_embd;
-        if rows > self.rows {
-            self.rows = rows;
-            self.x = Array2::zeros((rows, c));
-            self.ln = Array2::zeros((rows, c));
-            self.qkv = Array2::zeros((rows, 3 * c));
-            self.atty = Array2::zeros((rows, c));
-            self.proj = Array2::zeros((rows, c));
-            self.fch = Array2::zeros((rows, cfg.n_inner));
-        }
-        if logit_rows > self.logits.nrows() {
-            self.last = Array2::zeros((logit_rows, c));
-            self.logits = Array2::zeros((logit_rows, cfg.vocab_size));
-        }
-        if att > self.att.len() {
-            self.att.resize(att, 0.0);
-        }
+        // One statement each: a prefix guard lives to the end of its statement.
+        let ln_1 = LayerNorm::load(&mut w.pp("ln_1"), c, cfg.eps)?;
+        let attn = Attention::load(&mut w.pp("attn"), cfg)?;
+        let ln_2 = LayerNorm::load(&mut w.pp("ln_2"), c, cfg.eps)?;
+        let mlp = Mlp::load(&mut w.pp("mlp"), cfg)?;
+        Ok(Self { ln_1, attn, ln_2, mlp })
+    }
+
+    /// `x: (N, C)` in place, layer `layer`. Traced (block 0): `ln1`, the attention's tensors,
+    /// `attn_out`, `mlp_in`, `mlp_out`, `block0_out`.
+    fn forward(
+        &self,
+        layer: usize,
+        seqs: &mut [SeqStep<'_>],
+        sc: &mut Scratch,
+        kernel: Kernel,
+        mut trace: Option<&mut Trace>,
+    ) -> Result<(), EngineError> {
+        let rows = s![..sc.tokens.len(), ..];
+        self.ln_1.forward(sc.ln.slice_mut(rows), sc.x.slice(rows));
+        record(&mut trace, "ln1", sc.ln.slice(rows));
+        self.attn.forward(layer, seqs, sc, kernel, trace.as_deref_mut())?;
+        record(&mut trace, "attn_out", sc.proj.slice(rows));
+        layers::residual(sc.x.slice_mut(rows), sc.proj.slice(rows));
+        self.ln_2.forward(sc.ln.slice_mut(rows), sc.x.slice(rows));
+        record(&mut trace, "mlp_in", sc.ln.slice(rows));
+        self.mlp.forward(sc, kernel);
+        record(&mut trace, "mlp_out", sc.proj.slice(rows));
+        layers::residual(sc.x.slice_mut(rows), sc.proj.slice(rows));
+        record(&mut trace, "block0_out", sc.x.slice(rows));
+        Ok(())
     }
 }
 
@@ -194,23 +263,21 @@ pub struct Gpt2 {
     /// An untied LM head, when the checkpoint has `lm_head.weight`; otherwise `wte` is used.
     lm_head: Option<Param>,
     dtype: String,
+    weight_bytes: usize,
     /// Whether prefill chunks of several sequences may share a forward call (see
     /// [`layers::sgemm_rows_invariant`]).
     shared_prefill: bool,
 }
 
 impl Gpt2 {
-    /// Loads `config.json` and `model.safetensors` from a Hugging Face model folder.
+    /// Loads `config.json` and `model.safetensors` from a Hugging Face model folder: every
+    /// tensor the model takes must be there with its shape, and nothing else.
     pub fn load(dir: &Path) -> Result<Self, EngineError> {
         let cfg = Gpt2Config::from_dir(dir)?.validate()?;
-        let weights = Weights::load(&dir.join("model.safetensors"), &cfg)?;
-        Self::from_weights(cfg, weights)
-    }
-
-    /// Builds the model from checked weights.
-    pub fn from_weights(cfg: ModelConfig, mut w: Weights) -> Result<Self, EngineError> {
-        let h: Vec<Block> =
-            (0..cfg.n_layer).map(|i| Block::load(&mut w, i, cfg.eps)).collect::<Result<_, _>>()?;
+        let mut weights = Weights::load(&dir.join("model.safetensors"))?;
+        let mut model = Self::from_weights(cfg, &mut weights)?;
+        weights.finish()?;
+        let h = &model.h;
         let shared_prefill = h.first().is_none_or(|b| {
             [&b.attn.c_attn, &b.attn.c_proj, &b.mlp.c_fc, &b.mlp.c_proj]
                 .iter()
@@ -224,14 +291,38 @@ impl Gpt2 {
                  change results (correct either way; only time to first token under load differs)"
             );
         }
+        model.shared_prefill = shared_prefill;
+        Ok(model)
+    }
+
+    /// Takes the tensors of a GPT-2 of shape `cfg` from `w`, in checkpoint order; each is named
+    /// with its shape here and in the `load` of the struct that holds it. Leftovers are for
+    /// the caller ([`Weights::finish`]); prefill chunks are not shared until [`Gpt2::load`]
+    /// has checked `sgemm`.
+    pub(crate) fn from_weights(cfg: ModelConfig, w: &mut Weights) -> Result<Self, EngineError> {
+        let (v, c) = (cfg.vocab_size, cfg.n_embd);
+        let wte = w.take("wte.weight", [v, c])?;
+        let wpe = w.take("wpe.weight", [cfg.n_ctx, c])?;
+        let h = (0..cfg.n_layer)
+            .map(|i| Block::load(&mut w.pp("h").pp(i), &cfg))
+            .collect::<Result<_, _>>()?;
+        let ln_f = LayerNorm::load(&mut w.pp("ln_f"), c, cfg.eps)?;
+        // Tied configs use `wte` unless the file has its own head; untied ones need it.
+        let lm_head = if cfg.tie_word_embeddings {
+            w.take_optional("lm_head.weight", [v, c])?
+        } else {
+            Some(w.take("lm_head.weight", [v, c])?)
+        };
+        let weight_bytes = w.taken().iter().map(|(_, s)| s.iter().product::<usize>() * 4).sum();
         Ok(Self {
-            shared_prefill,
-            wte: w.take("wte.weight")?,
-            wpe: w.take("wpe.weight")?,
+            wte,
+            wpe,
             h,
-            ln_f: LayerNorm::load(&mut w, "ln_f", cfg.eps)?,
-            lm_head: w.take_optional("lm_head.weight"),
-            dtype: w.dtype.clone(),
+            ln_f,
+            lm_head,
+            dtype: w.dtype(),
+            weight_bytes,
+            shared_prefill: false,
             cfg,
         })
     }
@@ -263,26 +354,7 @@ impl Gpt2 {
 
     /// Bytes of F32 weights the model holds (mapped or owned).
     pub fn weight_bytes(&self) -> usize {
-        let params = self.h.iter().flat_map(|b| {
-            [
-                &b.ln_1.weight,
-                &b.ln_1.bias,
-                &b.attn.c_attn.weight,
-                &b.attn.c_attn.bias,
-                &b.attn.c_proj.weight,
-                &b.attn.c_proj.bias,
-                &b.ln_2.weight,
-                &b.ln_2.bias,
-                &b.mlp.c_fc.weight,
-                &b.mlp.c_fc.bias,
-                &b.mlp.c_proj.weight,
-                &b.mlp.c_proj.bias,
-            ]
-        });
-        let top = [&self.wte, &self.wpe, &self.ln_f.weight, &self.ln_f.bias]
-            .into_iter()
-            .chain(self.lm_head.as_ref());
-        params.chain(top).map(|p| p.as_slice().len() * 4).sum()
+        self.weight_bytes
     }
 
     /// A cache for `capacity` positions (at most `n_ctx`).
@@ -291,13 +363,11 @@ impl Gpt2 {
     }
 
     /// Runs one step over `seqs` and returns the logits of the rows chosen by `which`, in
-    /// sequence order. Each cache advances by its sequence's token count. A step is either a
-    /// decode step (one new token for each of up to [`SMALL_M`] sequences, computed by the
-    /// batch-invariant kernels), a prefill chunk of one sequence (any length, `sgemm`), or —
-    /// when [`Gpt2::shared_prefill`] holds — prefill chunks of two or more tokens each of several
-    /// sequences (`sgemm`); other mixes are refused, as each row's kernel must not depend on
-    /// the other rows of the step. With `trace`, block 0's intermediates are recorded (one
-    /// sequence only).
+    /// sequence order. Each cache advances by its sequence's token count. A step is a decode
+    /// step (one new token for each of up to [`SMALL_M`] sequences) or prefill chunks; which
+    /// mixes are accepted, and with which kernel, is decided in one place (`Gpt2::kernel`).
+    /// With `trace`, block 0's intermediates are recorded (one sequence only). As llm.c's
+    /// `gpt2_forward`: the encoder, the blocks, the head.
     pub fn forward<'s>(
         &self,
         seqs: &mut [SeqStep<'_>],
@@ -305,57 +375,18 @@ impl Gpt2 {
         which: LogitsFor,
         mut trace: Option<&mut Trace>,
     ) -> Result<ArrayView2<'s, f32>, EngineError> {
-        let cfg = &self.cfg;
-        let n: usize = seqs.iter().map(|s| s.tokens.len()).sum();
         self.check_step(seqs)?;
         if trace.is_some() && seqs.len() != 1 {
             return Err(EngineError::Internal("a traced forward takes one sequence".into()));
         }
+        let kernel = self.kernel(seqs)?;
         let logit_rows = match which {
             LogitsFor::LastOfEach => seqs.len(),
-            LogitsFor::AllRows => n,
+            LogitsFor::AllRows => seqs.iter().map(|s| s.tokens.len()).sum(),
         };
-        let att = seqs
-            .iter()
-            .map(|s| s.tokens.len() * (s.cache.len() + s.tokens.len()))
-            .max()
-            .unwrap_or(0);
-        scratch.ensure(cfg, n, logit_rows, att);
-        scratch.tokens.clear();
-        scratch.positions.clear();
-        for seq in seqs.iter() {
-            scratch.tokens.extend_from_slice(seq.tokens);
-            scratch.positions.extend(seq.cache.len()..seq.cache.len() + seq.tokens.len());
-        }
-        let rows = s![..n, ..];
+        scratch.prepare(&self.cfg, seqs, logit_rows);
         let sc = &mut *scratch;
-        // Decode steps (one new token per sequence) take the batch-invariant kernel; prefill
-        // chunks take sgemm, shared by several sequences only where its rows were checked to be
-        // independent of each other.
-        let kernel = if seqs.iter().all(|s| s.tokens.len() == 1) {
-            if n > SMALL_M {
-                return Err(EngineError::Internal(format!(
-                    "a decode step has {n} rows, more than {SMALL_M}"
-                )));
-            }
-            Kernel::SmallBatch
-        } else if seqs.len() == 1 {
-            Kernel::Sgemm
-        } else if seqs.iter().any(|s| s.tokens.len() == 1) {
-            return Err(EngineError::Internal(
-                "a step mixes single-token rows with prefill chunks of other sequences".into(),
-            ));
-        } else if !self.shared_prefill {
-            return Err(EngineError::Internal(
-                "prefill chunks of several sequences in one step, but sgemm rows are not \
-                 batch-invariant here"
-                    .into(),
-            ));
-        } else {
-            Kernel::Sgemm
-        };
-
-        // 1. encoder: x = wte[tokens] + wpe[positions]
+        let rows = s![..sc.tokens.len(), ..];
         layers::encoder(
             sc.x.slice_mut(rows),
             self.wte.view2(),
@@ -363,141 +394,76 @@ impl Gpt2 {
             &sc.tokens,
             &sc.positions,
         );
-        for (l, block) in self.h.iter().enumerate() {
-            let mut tr = if l == 0 { trace.as_deref_mut() } else { None };
-            // 2. ln_1
-            block.ln_1.forward(sc.ln.slice_mut(rows), sc.x.slice(rows));
-            // 3. c_attn → Q, K, V
-            block.attn.c_attn.forward(sc.qkv.slice_mut(rows), sc.ln.slice(rows), kernel);
-            if let Some(t) = tr.as_deref_mut() {
-                let c = cfg.n_embd;
-                t.record("ln1", sc.ln.slice(rows).to_owned().into_dyn());
-                t.record("q", sc.qkv.slice(s![..n, ..c]).to_owned().into_dyn());
-                t.record("k", sc.qkv.slice(s![..n, c..2 * c]).to_owned().into_dyn());
-                t.record("v", sc.qkv.slice(s![..n, 2 * c..]).to_owned().into_dyn());
-            }
-            // 4. attention, per sequence against its own cache
-            self.attention(l, seqs, sc, tr.as_deref_mut())?;
-            // 5. c_proj, 6. residual
-            block.attn.c_proj.forward(sc.proj.slice_mut(rows), sc.atty.slice(rows), kernel);
-            layers::residual(sc.x.slice_mut(rows), sc.proj.slice(rows));
-            if let Some(t) = tr.as_deref_mut() {
-                t.record("attn_out", sc.proj.slice(rows).to_owned().into_dyn());
-            }
-            // 7. ln_2, 8. c_fc, 9. gelu, 10. c_proj + residual
-            block.ln_2.forward(sc.ln.slice_mut(rows), sc.x.slice(rows));
-            block.mlp.c_fc.forward(sc.fch.slice_mut(rows), sc.ln.slice(rows), kernel);
-            layers::gelu(sc.fch.slice_mut(rows));
-            block.mlp.c_proj.forward(sc.proj.slice_mut(rows), sc.fch.slice(rows), kernel);
-            layers::residual(sc.x.slice_mut(rows), sc.proj.slice(rows));
-            if let Some(t) = tr {
-                t.record("mlp_in", sc.ln.slice(rows).to_owned().into_dyn());
-                t.record("mlp_out", sc.proj.slice(rows).to_owned().into_dyn());
-                t.record("block0_out", sc.x.slice(rows).to_owned().into_dyn());
-            }
+        for (layer, block) in self.h.iter().enumerate() {
+            let trace = if layer == 0 { trace.as_deref_mut() } else { None };
+            block.forward(layer, seqs, sc, kernel, trace)?;
         }
         for seq in seqs.iter_mut() {
             seq.cache.advance(seq.tokens.len());
         }
+        Ok(self.head(seqs, scratch, which))
+    }
 
-        // Head: ln_f on the chosen rows, then logits = h·wteᵀ.
-        let out_rows = s![..logit_rows, ..];
-        match which {
-            LogitsFor::AllRows => self.ln_f.forward(sc.last.slice_mut(out_rows), sc.x.slice(rows)),
+    /// The kernel of a step's products, the one place it is chosen. A decode step (one new
+    /// token for each of up to [`SMALL_M`] sequences) takes the batch-invariant small-batch
+    /// kernel; a prefill chunk of one sequence (any length) takes `sgemm`, and so do prefill
+    /// chunks of two or more tokens each of several sequences when [`Gpt2::shared_prefill`]
+    /// holds. Other mixes are refused, as each row's kernel must not depend on the other rows
+    /// of the step.
+    fn kernel(&self, seqs: &[SeqStep<'_>]) -> Result<Kernel, EngineError> {
+        let n: usize = seqs.iter().map(|s| s.tokens.len()).sum();
+        if seqs.iter().all(|s| s.tokens.len() == 1) {
+            if n > SMALL_M {
+                return Err(EngineError::Internal(format!(
+                    "a decode step has {n} rows, more than {SMALL_M}"
+                )));
+            }
+            Ok(Kernel::SmallBatch)
+        } else if seqs.len() == 1 {
+            Ok(Kernel::Sgemm)
+        } else if seqs.iter().any(|s| s.tokens.len() == 1) {
+            Err(EngineError::Internal(
+                "a step mixes single-token rows with prefill chunks of other sequences".into(),
+            ))
+        } else if !self.shared_prefill {
+            Err(EngineError::Internal(
+                "prefill chunks of several sequences in one step, but sgemm rows are not \
+                 batch-invariant here"
+                    .into(),
+            ))
+        } else {
+            Ok(Kernel::Sgemm)
+        }
+    }
+
+    /// `ln_f` on the rows `which` picks, then `logits = h·wteᵀ` (or the untied head):
+    /// `(B, V)` for the last row of each sequence, `(N, V)` for all rows.
+    fn head<'s>(
+        &self,
+        seqs: &[SeqStep<'_>],
+        sc: &'s mut Scratch,
+        which: LogitsFor,
+    ) -> ArrayView2<'s, f32> {
+        let n = sc.tokens.len();
+        let out = match which {
+            LogitsFor::AllRows => {
+                self.ln_f.forward(sc.last.slice_mut(s![..n, ..]), sc.x.slice(s![..n, ..]));
+                n
+            }
             LogitsFor::LastOfEach => {
                 let mut end = 0;
                 for (i, seq) in seqs.iter().enumerate() {
                     end += seq.tokens.len();
-                    sc.last.row_mut(i).assign(&sc.x.row(end - 1));
+                    let last = s![end - 1..end, ..];
+                    self.ln_f.forward(sc.last.slice_mut(s![i..=i, ..]), sc.x.slice(last));
                 }
-                let picked = sc.last.slice(out_rows).to_owned();
-                self.ln_f.forward(sc.last.slice_mut(out_rows), picked.view());
+                seqs.len()
             }
-        }
+        };
+        let rows = s![..out, ..];
         let head = self.lm_head.as_ref().unwrap_or(&self.wte);
-        layers::lm_head(sc.logits.slice_mut(out_rows), sc.last.slice(out_rows), head.view2());
-        Ok(scratch.logits.slice(out_rows))
-    }
-
-    /// Writes this step's K and V into each sequence's cache, then attends.
-    fn attention(
-        &self,
-        layer: usize,
-        seqs: &mut [SeqStep<'_>],
-        sc: &mut Scratch,
-        mut trace: Option<&mut Trace>,
-    ) -> Result<(), EngineError> {
-        let c = self.cfg.n_embd;
-        let nh = self.cfg.n_head;
-        let mut row = 0;
-        for seq in seqs.iter_mut() {
-            let rows = s![row..row + seq.tokens.len(), ..];
-            let qkv = sc.qkv.slice(rows);
-            seq.cache.write(layer, qkv.slice(s![.., c..2 * c]), qkv.slice(s![.., 2 * c..]));
-            row += seq.tokens.len();
-        }
-        if trace.is_none() && seqs.iter().all(|s| s.tokens.len() == 1) {
-            self.attention_decode(layer, seqs, sc);
-            return Ok(());
-        }
-        let mut row = 0;
-        for seq in seqs.iter() {
-            let s_len = seq.tokens.len();
-            let rows = s![row..row + s_len, ..];
-            let p_len = seq.cache.len() + s_len;
-            let (k, v) = seq.cache.view(layer, p_len);
-            let mut scores = trace.as_ref().map(|_| Array2::<f32>::zeros((nh * s_len, p_len)));
-            layers::attention(
-                sc.atty.slice_mut(rows),
-                sc.qkv.slice(rows),
-                k,
-                v,
-                nh,
-                &mut sc.att,
-                scores.as_mut().map(|a| a.view_mut()),
-            );
-            if let (Some(t), Some(scores)) = (trace.as_deref_mut(), scores) {
-                let scores = scores
-                    .into_shape_with_order((nh, s_len, p_len))
-                    .map_err(|e| EngineError::Internal(e.to_string()))?;
-                t.record("att_scores", scores.into_dyn());
-            }
-            row += s_len;
-        }
-        Ok(())
-    }
-
-    /// A decode step (one new row per sequence): each sequence's attention on the pool, in
-    /// parallel; each is computed the same way whatever else is in the batch.
-    fn attention_decode(&self, layer: usize, seqs: &[SeqStep<'_>], sc: &mut Scratch) {
-        use rayon::prelude::*;
-        let nh = self.cfg.n_head;
-        let c = self.cfg.n_embd;
-        let n = seqs.len();
-        let inputs: Vec<_> = seqs
-            .iter()
-            .enumerate()
-            .map(|(i, seq)| {
-                let (k, v) = seq.cache.view(layer, seq.cache.len() + 1);
-                (sc.qkv.slice(s![i, ..c]), k, v)
-            })
-            .collect();
-        let mut rows = sc.atty.slice_mut(s![..n, ..]);
-        let mut outs: Vec<ArrayViewMut1<'_, f32>> = rows.axis_iter_mut(ndarray::Axis(0)).collect();
-        if n == 1 {
-            let mut scores = Vec::new();
-            outs.iter_mut()
-                .zip(&inputs)
-                .for_each(|(out, input)| decode_one(nh, out, input, &mut scores));
-        } else {
-            crate::threads::pool().install(|| {
-                outs.par_iter_mut()
-                    .zip(inputs.par_iter())
-                    .for_each_init(Vec::new, |scores, (out, input)| {
-                        decode_one(nh, out, input, scores)
-                    });
-            });
-        }
+        layers::lm_head(sc.logits.slice_mut(rows), sc.last.slice(rows), head.view2());
+        sc.logits.slice(rows)
     }
 
     fn check_step(&self, seqs: &[SeqStep<'_>]) -> Result<(), EngineError> {

@@ -85,15 +85,12 @@ impl RandomModel {
         let config_json = serde_json::to_string_pretty(&self.config)
             .map_err(|e| EngineError::Internal(e.to_string()))?;
         std::fs::write(dir.join("config.json"), config_json).map_err(io)?;
+        let shapes: BTreeMap<String, Vec<usize>> = expected_shapes(&cfg).into_iter().collect();
         let mut raw: Vec<RawTensor> = self
             .tensors(&cfg)
             .into_iter()
             .map(|(name, values)| {
-                let shape = expected_shapes(&cfg)
-                    .into_iter()
-                    .find(|(n, _)| *n == name)
-                    .map(|(_, s)| s)
-                    .unwrap_or_default();
+                let shape = shapes.get(&name).cloned().unwrap_or_default();
                 let file_name = match self.layout {
                     FileLayout::SavePretrained => format!("transformer.{name}"),
                     FileLayout::Hub => name,

@@ -9,8 +9,9 @@
 //!   present (ignored), no `lm_head.weight`;
 //! * `save_pretrained` output: the same names under `transformer.`, no buffers.
 //!
-//! `lm_head.weight`, when present, is used as an untied LM head. Every missing, extra,
-//! misshapen or wrongly typed tensor is an error naming it.
+//! The model names each tensor and its shape once, where it takes it ([`Weights::take`], in
+//! [`crate::model`]); `lm_head.weight`, when present, is used as an untied LM head. Every
+//! missing, extra, misshapen or wrongly typed tensor is an error naming it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -78,162 +79,219 @@ impl Param {
     }
 }
 
-/// The tensors of a checkpoint, by canonical name (without `transformer.`), checked against a
-/// model shape.
+/// Where one tensor lies in the memory map.
+#[derive(Debug)]
+struct Entry {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    /// Byte offset in the map.
+    start: usize,
+    /// Byte length.
+    len: usize,
+}
+
+#[derive(Debug)]
+enum Source {
+    /// A mapped safetensors file: its tensors by file name, and the prefix of the transformer's
+    /// tensors in it (`""` or `"transformer."`).
+    File { map: Arc<Mmap>, index: BTreeMap<String, Entry>, root: &'static str },
+    /// No file: every required tensor is zeros, no optional one exists.
+    Zeros,
+}
+
+/// The tensors of a checkpoint, handed out one at a time, candle `VarBuilder`-style: the model
+/// asks for each tensor with its shape where it takes it ([`Weights::take`]), under the name
+/// prefix of the struct taking it ([`Weights::pp`]), and [`Weights::finish`] refuses every
+/// tensor nobody took. Names are canonical (without `transformer.`); errors name a tensor as
+/// the file spells it.
 #[derive(Debug)]
 pub struct Weights {
-    params: BTreeMap<String, Param>,
-    /// Storage type of `wte.weight` ("F32", "F16" or "BF16").
-    pub dtype: String,
+    source: Source,
+    /// The current name prefix, e.g. `h.3.attn.` while block 3's attention loads.
+    prefix: String,
+    /// File names taken or ignored.
+    used: BTreeSet<String>,
+    /// Canonical names and shapes taken, in order.
+    taken: Vec<(String, Vec<usize>)>,
 }
 
 impl Weights {
-    /// Maps `path` and checks it holds exactly the tensors of a GPT-2 with shape `cfg`.
-    pub fn load(path: &Path, cfg: &ModelConfig) -> Result<Self, EngineError> {
+    /// Maps `path` and indexes its tensors; each is checked and converted when taken.
+    pub fn load(path: &Path) -> Result<Self, EngineError> {
         let file_err =
             |reason: String| EngineError::WeightsFile { path: path.display().to_string(), reason };
         let file = File::open(path).map_err(|e| file_err(e.to_string()))?;
         // SAFETY: the map is read-only; like every mmap-based loader (candle, llama.cpp) we rely
         // on the file not being truncated or rewritten while the engine runs.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| file_err(e.to_string()))?;
-        let map = Arc::new(map);
         let tensors = SafeTensors::deserialize(&map).map_err(|e| file_err(e.to_string()))?;
-        Self::from_safetensors(&tensors, &map, cfg)
+        let index: BTreeMap<String, Entry> = tensors
+            .iter()
+            .map(|(name, view)| {
+                let entry = Entry {
+                    dtype: view.dtype(),
+                    shape: view.shape().to_vec(),
+                    start: view.data().as_ptr() as usize - map.as_ptr() as usize,
+                    len: view.data().len(),
+                };
+                (name.to_owned(), entry)
+            })
+            .collect();
+        let root = if index.contains_key("transformer.wte.weight") { "transformer." } else { "" };
+        Ok(Self::new(Source::File { map: Arc::new(map), index, root }))
     }
 
-    fn from_safetensors(
-        tensors: &SafeTensors<'_>,
-        map: &Arc<Mmap>,
-        cfg: &ModelConfig,
-    ) -> Result<Self, EngineError> {
-        let names: BTreeSet<String> = tensors.names().into_iter().map(str::to_owned).collect();
-        let prefixed = names.contains("transformer.wte.weight");
-        let prefix = if prefixed { "transformer." } else { "" };
-        let mut expected = expected_shapes(cfg);
-        let has_lm_head = names.contains("lm_head.weight");
-        if has_lm_head || !cfg.tie_word_embeddings {
-            expected.push(("lm_head.weight".to_owned(), vec![cfg.vocab_size, cfg.n_embd]));
-        }
+    /// Weights without a file, to list what a model takes ([`Weights::taken`]): every
+    /// [`Weights::take`] gives zeros of the asked shape (untouched zero pages from the
+    /// allocator, so even a large model costs no memory), every optional tensor is absent.
+    pub fn zeros() -> Self {
+        Self::new(Source::Zeros)
+    }
 
-        let mut used = BTreeSet::new();
-        let mut params = BTreeMap::new();
-        for (name, shape) in expected {
-            let file_name =
-                if name == "lm_head.weight" { name.clone() } else { format!("{prefix}{name}") };
-            let view = tensors
-                .tensor(&file_name)
-                .map_err(|_| EngineError::MissingTensor(file_name.clone()))?;
-            if view.shape() != shape.as_slice() {
-                return Err(EngineError::TensorShape {
-                    name: file_name,
-                    expected: shape,
-                    got: view.shape().to_vec(),
-                });
+    fn new(source: Source) -> Self {
+        Self { source, prefix: String::new(), used: BTreeSet::new(), taken: Vec::new() }
+    }
+
+    /// Appends `name.` to the name prefix until the returned guard is dropped; the guard
+    /// derefs to these weights, so `Block::load(&mut w.pp("h").pp(3))` loads `h.3.*`.
+    pub fn pp(&mut self, name: impl std::fmt::Display) -> Prefixed<'_> {
+        let restore = self.prefix.len();
+        self.prefix.push_str(&format!("{name}."));
+        Prefixed { w: self, restore }
+    }
+
+    /// Takes the tensor `name` (under the current prefix), which must exist with `shape`.
+    pub fn take(&mut self, name: &str, shape: impl AsRef<[usize]>) -> Result<Param, EngineError> {
+        let shape = shape.as_ref();
+        if let Source::Zeros = self.source {
+            self.taken.push((format!("{}{name}", self.prefix), shape.to_vec()));
+            let len = shape.iter().product();
+            return Ok(Param::from_vec(shape.to_vec(), vec![0.0; len]));
+        }
+        self.take_optional(name, shape)?
+            .ok_or_else(|| EngineError::MissingTensor(self.file_name(name)))
+    }
+
+    /// Takes the tensor `name` if the file has it; if it has, it must have `shape`.
+    pub fn take_optional(
+        &mut self,
+        name: &str,
+        shape: impl AsRef<[usize]>,
+    ) -> Result<Option<Param>, EngineError> {
+        let shape = shape.as_ref().to_vec();
+        let file_name = self.file_name(name);
+        let Source::File { map, index, .. } = &self.source else { return Ok(None) };
+        let Some(entry) = index.get(&file_name) else { return Ok(None) };
+        if entry.shape != shape {
+            return Err(EngineError::TensorShape {
+                name: file_name,
+                expected: shape,
+                got: entry.shape.clone(),
+            });
+        }
+        let param = to_param(&file_name, entry, map, shape.clone())?;
+        self.used.insert(file_name);
+        self.taken.push((format!("{}{name}", self.prefix), shape));
+        Ok(Some(param))
+    }
+
+    /// Accepts the tensor `name` (under the current prefix) if the file has it, unused.
+    pub fn ignore(&mut self, name: &str) {
+        let file_name = self.file_name(name);
+        if let Source::File { index, .. } = &self.source
+            && index.contains_key(&file_name)
+        {
+            self.used.insert(file_name);
+        }
+    }
+
+    /// Refuses the first tensor (by file name) that was neither taken nor ignored.
+    pub fn finish(&self) -> Result<(), EngineError> {
+        let Source::File { index, .. } = &self.source else { return Ok(()) };
+        match index.keys().find(|name| !self.used.contains(*name)) {
+            Some(extra) => Err(EngineError::UnexpectedTensor(extra.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Canonical names and shapes of the tensors taken so far, in the order taken.
+    pub fn taken(&self) -> &[(String, Vec<usize>)] {
+        &self.taken
+    }
+
+    /// Storage type of `wte.weight` ("F32", "F16" or "BF16"; "F32" for [`Weights::zeros`]).
+    pub fn dtype(&self) -> String {
+        match &self.source {
+            Source::File { index, root, .. } => index
+                .get(&format!("{root}wte.weight"))
+                .map(|e| format!("{:?}", e.dtype))
+                .unwrap_or_default(),
+            Source::Zeros => "F32".into(),
+        }
+    }
+
+    /// How the file spells `name` under the current prefix: `save_pretrained` puts the
+    /// transformer's tensors under `transformer.` and the LM head beside it.
+    fn file_name(&self, name: &str) -> String {
+        let canonical = format!("{}{name}", self.prefix);
+        match &self.source {
+            Source::File { root, .. } if canonical != "lm_head.weight" => {
+                format!("{root}{canonical}")
             }
-            let param = to_param(&file_name, &view, map, shape)?;
-            used.insert(file_name);
-            params.insert(name, param);
+            _ => canonical,
         }
-        for name in &names {
-            if !used.contains(name) && !is_ignored_buffer(name, prefix, cfg.n_layer) {
-                return Err(EngineError::UnexpectedTensor(name.clone()));
-            }
-        }
-        let dtype = tensors
-            .tensor(&format!("{prefix}wte.weight"))
-            .map(|t| format!("{:?}", t.dtype()))
-            .unwrap_or_default();
-        Ok(Self { params, dtype })
-    }
-
-    /// Builds weights from owned parameters (random models, tests). Shapes are checked.
-    pub fn from_params(
-        params: BTreeMap<String, Param>,
-        cfg: &ModelConfig,
-    ) -> Result<Self, EngineError> {
-        let mut expected = expected_shapes(cfg);
-        if params.contains_key("lm_head.weight") || !cfg.tie_word_embeddings {
-            expected.push(("lm_head.weight".to_owned(), vec![cfg.vocab_size, cfg.n_embd]));
-        }
-        for (name, shape) in &expected {
-            let p = params.get(name).ok_or_else(|| EngineError::MissingTensor(name.clone()))?;
-            if p.shape() != shape.as_slice() {
-                return Err(EngineError::TensorShape {
-                    name: name.clone(),
-                    expected: shape.clone(),
-                    got: p.shape().to_vec(),
-                });
-            }
-        }
-        if let Some(extra) = params.keys().find(|k| !expected.iter().any(|(n, _)| n == *k)) {
-            return Err(EngineError::UnexpectedTensor(extra.clone()));
-        }
-        Ok(Self { params, dtype: "F32".into() })
-    }
-
-    /// Removes and returns a parameter (the model takes ownership of each once).
-    pub fn take(&mut self, name: &str) -> Result<Param, EngineError> {
-        self.params.remove(name).ok_or_else(|| EngineError::MissingTensor(name.to_owned()))
-    }
-
-    /// Removes and returns a parameter if present.
-    pub fn take_optional(&mut self, name: &str) -> Option<Param> {
-        self.params.remove(name)
     }
 }
 
-/// Every tensor of a GPT-2 of shape `cfg` (canonical names, without `transformer.`), with its
-/// shape. Conv1D weights are `[in, out]`.
+/// [`Weights`] with a name prefix pushed by [`Weights::pp`]; dropping it pops the prefix.
+#[derive(Debug)]
+pub struct Prefixed<'w> {
+    w: &'w mut Weights,
+    restore: usize,
+}
+
+impl std::ops::Deref for Prefixed<'_> {
+    type Target = Weights;
+
+    fn deref(&self) -> &Weights {
+        self.w
+    }
+}
+
+impl std::ops::DerefMut for Prefixed<'_> {
+    fn deref_mut(&mut self) -> &mut Weights {
+        self.w
+    }
+}
+
+impl Drop for Prefixed<'_> {
+    fn drop(&mut self) {
+        self.w.prefix.truncate(self.restore);
+    }
+}
+
+/// Every tensor a GPT-2 of shape `cfg` takes (canonical names, without `transformer.`), with
+/// its shape, in the order the model takes them: the model's loader run on
+/// [`Weights::zeros`]. Conv1D weights are `[in, out]`.
 pub fn expected_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
-    let (c, f) = (cfg.n_embd, cfg.n_inner);
-    let mut out = vec![
-        ("wte.weight".to_owned(), vec![cfg.vocab_size, c]),
-        ("wpe.weight".to_owned(), vec![cfg.n_ctx, c]),
-    ];
-    for i in 0..cfg.n_layer {
-        let p = |s: &str| format!("h.{i}.{s}");
-        out.extend([
-            (p("ln_1.weight"), vec![c]),
-            (p("ln_1.bias"), vec![c]),
-            (p("attn.c_attn.weight"), vec![c, 3 * c]),
-            (p("attn.c_attn.bias"), vec![3 * c]),
-            (p("attn.c_proj.weight"), vec![c, c]),
-            (p("attn.c_proj.bias"), vec![c]),
-            (p("ln_2.weight"), vec![c]),
-            (p("ln_2.bias"), vec![c]),
-            (p("mlp.c_fc.weight"), vec![c, f]),
-            (p("mlp.c_fc.bias"), vec![f]),
-            (p("mlp.c_proj.weight"), vec![f, c]),
-            (p("mlp.c_proj.bias"), vec![c]),
-        ]);
-    }
-    out.extend([("ln_f.weight".to_owned(), vec![c]), ("ln_f.bias".to_owned(), vec![c])]);
-    out
-}
-
-/// The causal-mask buffers that hub files carry and the engine does not need.
-fn is_ignored_buffer(name: &str, prefix: &str, n_layer: usize) -> bool {
-    let Some(rest) = name.strip_prefix(prefix).and_then(|n| n.strip_prefix("h.")) else {
-        return false;
-    };
-    let Some((layer, tail)) = rest.split_once('.') else { return false };
-    layer.parse::<usize>().is_ok_and(|l| l < n_layer)
-        && (tail == "attn.bias" || tail == "attn.masked_bias")
+    let mut w = Weights::zeros();
+    // Zeros give every required tensor, so building cannot fail.
+    crate::model::Gpt2::from_weights(*cfg, &mut w).expect("every tensor exists in Weights::zeros");
+    w.taken
 }
 
 fn to_param(
     name: &str,
-    view: &safetensors::tensor::TensorView<'_>,
+    entry: &Entry,
     map: &Arc<Mmap>,
     shape: Vec<usize>,
 ) -> Result<Param, EngineError> {
-    let bytes = view.data();
-    let data = match view.dtype() {
+    let bytes = &map[entry.start..entry.start + entry.len];
+    let data = match entry.dtype {
         Dtype::F32 => {
-            let start = bytes.as_ptr() as usize - map.as_ptr() as usize;
             let aligned = bytemuck::try_cast_slice::<u8, f32>(bytes).is_ok();
             if aligned && cfg!(target_endian = "little") {
-                ParamData::Mapped { map: Arc::clone(map), start, len: bytes.len() / 4 }
+                ParamData::Mapped { map: Arc::clone(map), start: entry.start, len: entry.len / 4 }
             } else {
                 ParamData::Owned(
                     bytes

@@ -4,28 +4,10 @@
 mod common;
 
 use common::{PROMPTS, Reference, assert_close, models};
+use llorch_engine::reference::traced_prefill;
 use llorch_engine::sampling::{softmax_with_temperature, top_n_ids};
 use llorch_engine::{Gpt2, LogitsFor, Scratch, SeqStep, Trace};
 use ndarray::{ArrayD, Axis, s};
-
-/// Runs a traced prefill of the reference prompt; returns the trace, all-row logits and the
-/// cache.
-fn traced(model: &Gpt2, prompt: &[u32]) -> (Trace, ArrayD<f32>, llorch_engine::KvCache) {
-    let mut cache = model.new_cache(model.config().n_ctx);
-    let mut scratch = Scratch::default();
-    let mut trace = Trace::default();
-    let logits = model
-        .forward(
-            &mut [SeqStep { tokens: prompt, cache: &mut cache }],
-            &mut scratch,
-            LogitsFor::AllRows,
-            Some(&mut trace),
-        )
-        .unwrap()
-        .to_owned()
-        .into_dyn();
-    (trace, logits, cache)
-}
 
 /// Runs `check` for every model and prompt.
 fn each(check: impl Fn(&str, &Gpt2, &Reference, &Trace, &ArrayD<f32>, &llorch_engine::KvCache)) {
@@ -33,8 +15,9 @@ fn each(check: impl Fn(&str, &Gpt2, &Reference, &Trace, &ArrayD<f32>, &llorch_en
         let model = Gpt2::load(&dir).unwrap();
         for prompt in PROMPTS {
             let reference = Reference::load(name, prompt);
-            let (trace, logits, cache) = traced(&model, &reference.meta.prompt_ids);
-            check(&format!("{name}/{prompt}"), &model, &reference, &trace, &logits, &cache);
+            let p = traced_prefill(&model, &reference.meta.prompt_ids).unwrap();
+            let logits = p.logits.into_dyn();
+            check(&format!("{name}/{prompt}"), &model, &reference, &p.trace, &logits, &p.cache);
         }
     }
 }

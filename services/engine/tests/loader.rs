@@ -111,14 +111,11 @@ fn f16_and_bf16_files_agree_with_f32_within_the_storage_rounding() {
 fn f32_weights_are_used_in_place_from_the_memory_map() {
     let dir = tempfile::tempdir().unwrap();
     spec(StorageDtype::F32, FileLayout::SavePretrained).write(dir.path()).unwrap();
-    let weights = llorch_engine::weights::Weights::load(
-        &dir.path().join("model.safetensors"),
-        &small_config().validate().unwrap(),
-    )
-    .unwrap();
-    let mut weights = weights;
-    assert!(weights.take("wte.weight").unwrap().is_mapped());
-    assert!(weights.take("h.1.mlp.c_fc.weight").unwrap().is_mapped());
+    let cfg = small_config().validate().unwrap();
+    let mut weights =
+        llorch_engine::weights::Weights::load(&dir.path().join("model.safetensors")).unwrap();
+    assert!(weights.take("wte.weight", [cfg.vocab_size, cfg.n_embd]).unwrap().is_mapped());
+    assert!(weights.take("h.1.mlp.c_fc.weight", [cfg.n_embd, cfg.n_inner]).unwrap().is_mapped());
 }
 
 #[test]

@@ -7,13 +7,16 @@ mod common;
 use common::{Reference, is_close, root};
 use llorch_engine::Gpt2Config;
 use llorch_engine::layers::{self, naive};
-use llorch_engine::weights::Weights;
+use llorch_engine::weights::{Weights, expected_shapes};
 use ndarray::{Array2, ArrayD, Ix2, s};
+
+fn tiny_config() -> llorch_engine::ModelConfig {
+    Gpt2Config::from_dir(&root().join("models/default")).unwrap().validate().unwrap()
+}
 
 fn tiny() -> (Weights, llorch_engine::ModelConfig) {
     let dir = root().join("models/default");
-    let cfg = Gpt2Config::from_dir(&dir).unwrap().validate().unwrap();
-    (Weights::load(&dir.join("model.safetensors"), &cfg).unwrap(), cfg)
+    (Weights::load(&dir.join("model.safetensors")).unwrap(), tiny_config())
 }
 
 fn two_d(a: ArrayD<f32>) -> Array2<f32> {
@@ -21,7 +24,8 @@ fn two_d(a: ArrayD<f32>) -> Array2<f32> {
 }
 
 fn param(w: &mut Weights, name: &str) -> llorch_engine::weights::Param {
-    w.take(name).unwrap()
+    let shapes = expected_shapes(&tiny_config());
+    w.take(name, &shapes.iter().find(|(n, _)| n == name).unwrap().1).unwrap()
 }
 
 #[test]

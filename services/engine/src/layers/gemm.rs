@@ -50,8 +50,10 @@ pub enum Layout {
 /// Raw output pointer shared by tasks that write disjoint column ranges.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint column ranges of the output (see `run`).
+// SAFETY: the pointer is only dereferenced by `columns`, whose tasks write disjoint column
+// ranges of one output buffer that outlives them (see `run`); sending it adds no sharing.
 unsafe impl Send for OutPtr {}
+// SAFETY: as for `Send`: tasks sharing it write disjoint columns and never read each other's.
 unsafe impl Sync for OutPtr {}
 
 /// `out: (B, N)` = the product, split by columns over the compute pool.
@@ -67,15 +69,20 @@ pub fn run(g: Gemm<'_>, layout: Layout, out: &mut [f32]) {
     let per = g.n.div_ceil(tasks).div_ceil(CHUNK_ALIGN) * CHUNK_ALIGN;
     let ptr = OutPtr(out.as_mut_ptr());
     if tasks == 1 || g.n <= CHUNK_ALIGN {
-        // SAFETY: one task over all columns; `out` is (B, N) as asserted.
+        // SAFETY: the lengths of x, w, bias and out were asserted above; one task over all
+        // columns, and `out` is borrowed mutably for the whole call, so nothing else touches it.
         unsafe { columns(g, layout, 0..g.n, ptr) };
         return;
     }
     pool.scope(|s| {
         for start in (0..g.n).step_by(per) {
             let cols = start..(start + per).min(g.n);
-            // SAFETY: the column ranges are disjoint and within N; `out` outlives the scope.
-            s.spawn(move |_| unsafe { columns(g, layout, cols, ptr) });
+            s.spawn(move |_| {
+                // SAFETY: the lengths were asserted above; the column ranges of the tasks are
+                // disjoint and within N, and `out` is borrowed mutably until the scope has
+                // joined every task.
+                unsafe { columns(g, layout, cols, ptr) }
+            });
         }
     });
 }
@@ -83,11 +90,14 @@ pub fn run(g: Gemm<'_>, layout: Layout, out: &mut [f32]) {
 /// Computes output columns `cols` for every row.
 ///
 /// # Safety
-/// `out` points to a `(B, N)` row-major buffer and no other thread writes columns `cols`.
+/// `g.x`, `g.w` and `g.bias` have the lengths [`run`] asserts (`B·K`, `K·N`, `N`); `cols` lies
+/// within `0..N`; `out` points to a `(B, N)` row-major buffer, valid for writes, in which no
+/// other thread reads or writes columns `cols` during the call.
 unsafe fn columns(g: Gemm<'_>, layout: Layout, cols: Range<usize>, out: OutPtr) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the features were detected; the caller upholds the output contract.
+        // SAFETY: AVX2 and FMA were detected just above; the lengths, `cols` and the output
+        // are this function's own contract, which is the kernels' contract too.
         unsafe {
             match layout {
                 Layout::KN => avx2::kn(g, cols, out.0),
@@ -102,7 +112,8 @@ unsafe fn columns(g: Gemm<'_>, layout: Layout, cols: Range<usize>, out: OutPtr) 
                 Layout::KN => dot_kn(g, row, col),
                 Layout::NK => dot_nk(g, row, col),
             };
-            // SAFETY: row < B, col < N; the column is this task's.
+            // SAFETY: row < B and col < N, so the element is inside `out`; its column is in
+            // `cols`, which no other thread touches.
             unsafe { *out.0.add(row * g.n + col) = v };
         }
     }
@@ -166,11 +177,17 @@ mod avx2 {
     /// tile. Either way each element is zeroed, gets `fma(x[k], w[k], acc)` for every `k` in
     /// order (stored and reloaded between groups or blocks, which is exact), then the bias —
     /// the arithmetic of `dot_kn`.
+    ///
+    /// # Safety
+    /// The CPU supports AVX2 and FMA, and the contract of [`super::columns`] holds: `g`'s
+    /// slices have the lengths `run` asserts, `cols` lies within `0..N`, and `out` is a
+    /// `(B, N)` row-major buffer whose columns `cols` no other thread touches during the call.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn kn(g: Gemm<'_>, cols: Range<usize>, out: *mut f32) {
         let vec_end = cols.start + (cols.end - cols.start) / 8 * 8;
-        // SAFETY (whole function): indices stay within x (B·K), w (K·N), bias (N) and the
-        // caller's columns of out (B·N).
+        // SAFETY: this function's contract. Every index stays in bounds: rows below B, `k` below
+        // K, columns in `cols` (the vector parts in `cols.start..vec_end`, whose length is a
+        // multiple of 8, as `axpy_rows` and `blocked_tiles` need).
         unsafe {
             for row in 0..g.b {
                 for c in cols.clone() {
@@ -206,6 +223,9 @@ mod avx2 {
                         *o.add(c) += b;
                     }
                 } else {
+                    // Not a no-op in bits: the canonical order (`dot_kn`) ends with `acc + 0.0`
+                    // when there is no bias, which turns −0.0 into +0.0; the tiles must give
+                    // the same bits.
                     for c in cols.clone() {
                         *o.add(c) += 0.0;
                     }
@@ -215,9 +235,12 @@ mod avx2 {
     }
 
     /// One row: `out[0][cols] += x[k..k+4] · w[k..k+4][cols]`, four weight rows at a time.
+    ///
+    /// # Safety
+    /// [`kn`]'s contract, with `B = 1` and `cols.len()` a multiple of 8.
     #[inline(always)]
     unsafe fn axpy_rows(g: Gemm<'_>, cols: Range<usize>, out: *mut f32) {
-        // SAFETY: see `kn`.
+        // SAFETY: this function's contract; `k0 + 4 ≤ K` and `k0 < K` as `axpy_group` needs.
         unsafe {
             let mut k0 = 0;
             while k0 + 4 <= g.k {
@@ -231,6 +254,10 @@ mod avx2 {
         }
     }
 
+    /// `out[0][cols] += x[k0..k0+KG] · w[k0..k0+KG][cols]`, eight columns at a time.
+    ///
+    /// # Safety
+    /// [`axpy_rows`]'s contract, and `k0 + KG ≤ K`.
     #[inline(always)]
     unsafe fn axpy_group<const KG: usize>(
         g: Gemm<'_>,
@@ -238,7 +265,8 @@ mod avx2 {
         cols: Range<usize>,
         out: *mut f32,
     ) {
-        // SAFETY: see `kn`.
+        // SAFETY: this function's contract: `x[k0..k0+KG]` and weight rows `k0..k0+KG` exist,
+        // and `cols` is whole groups of 8 columns of row 0 within `0..N`.
         unsafe {
             let mut xb = [_mm256_setzero_ps(); KG];
             for (r, slot) in xb.iter_mut().enumerate() {
@@ -260,9 +288,14 @@ mod avx2 {
 
     /// Several rows: k-blocks of weight rows; inside a block, tiles of up to 4 rows × 16
     /// columns (then 8) accumulate in registers.
+    ///
+    /// # Safety
+    /// [`kn`]'s contract, with `cols.len()` a multiple of 8.
     #[inline(always)]
     unsafe fn blocked_tiles(g: Gemm<'_>, cols: Range<usize>, out: *mut f32) {
-        // SAFETY: see `kn`.
+        // SAFETY: this function's contract; each tile gets `row + rows ≤ B`, 8 or 16 columns
+        // within `cols`, and `k0 + kb ≤ K`, as `tile` needs. A prefetch never faults, and its
+        // address is inside `w` (`kk < K`, `c < N`).
         unsafe {
             let mut k0 = 0;
             while k0 < g.k {
@@ -299,6 +332,10 @@ mod avx2 {
     }
 
     /// `out[row..row+BB][col..col+8·NV] += x[·][k0..k0+kb] · w[k0..k0+kb][cols]` in registers.
+    ///
+    /// # Safety
+    /// [`kn`]'s contract, with `row + BB ≤ B`, `col..col + 8·NV` inside the caller's `cols`,
+    /// and `k0 + kb ≤ K`.
     #[inline(always)]
     unsafe fn tile<const BB: usize, const NV: usize>(
         g: Gemm<'_>,
@@ -308,7 +345,7 @@ mod avx2 {
         kb: usize,
         out: *mut f32,
     ) {
-        // SAFETY: see `kn`.
+        // SAFETY: this function's contract bounds every row, column and `k` index used.
         unsafe {
             let mut acc = [[_mm256_setzero_ps(); NV]; BB];
             for (b, acc_b) in acc.iter_mut().enumerate() {
@@ -341,11 +378,16 @@ mod avx2 {
 
     /// `w: (N, K)`: tiles of `BB` rows × `VV` output columns (rows of w), `k` innermost in
     /// steps of 8.
+    ///
+    /// # Safety
+    /// As [`kn`]'s (with `w` read as `(N, K)`).
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn nk(g: Gemm<'_>, cols: Range<usize>, out: *mut f32) {
         let mut col = cols.start;
         let end = cols.end;
-        // SAFETY: as in `kn`.
+        // SAFETY: this function's contract; each tile gets `row + BB ≤ B` and
+        // `col + VV ≤ cols.end`, as `tile_nk` needs, and the tail indexes rows below B and
+        // columns in `cols`.
         unsafe {
             while col + 4 <= end {
                 if g.b == 1 && col + 8 <= end {
@@ -371,6 +413,10 @@ mod avx2 {
         }
     }
 
+    /// `out[row..row+BB][col..col+VV]`, each element a full `dot_nk`.
+    ///
+    /// # Safety
+    /// [`nk`]'s contract, with `row + BB ≤ B` and `col..col + VV` inside the caller's `cols`.
     #[inline(always)]
     unsafe fn tile_nk<const BB: usize, const VV: usize>(
         g: Gemm<'_>,
@@ -378,7 +424,8 @@ mod avx2 {
         col: usize,
         out: *mut f32,
     ) {
-        // SAFETY: see `nk`.
+        // SAFETY: this function's contract: rows `row..row+BB` of x, rows `col..col+VV` of w
+        // (K floats each, read below `main ≤ K` then to K) and those output elements exist.
         unsafe {
             let main = g.k - g.k % 8;
             let mut acc = [[_mm256_setzero_ps(); VV]; BB];

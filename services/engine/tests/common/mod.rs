@@ -7,8 +7,8 @@
 use std::path::{Path, PathBuf};
 
 use llorch_engine::npy;
+use llorch_engine::reference::Meta;
 use ndarray::ArrayD;
-use serde::Deserialize;
 
 /// Repository root.
 pub fn root() -> PathBuf {
@@ -23,23 +23,6 @@ pub fn models() -> Vec<(&'static str, PathBuf)> {
 /// The fixture prompts.
 pub const PROMPTS: [&str; 2] = ["hello", "long"];
 
-/// `meta.json` of one (model, prompt).
-#[derive(Debug, Deserialize)]
-pub struct Meta {
-    pub prompt_ids: Vec<u32>,
-    pub greedy_next: u32,
-    pub top5_t08: Top5,
-    pub greedy_24: Vec<u32>,
-    pub min_margin: f64,
-}
-
-/// Top-5 of softmax(logits / 0.8).
-#[derive(Debug, Deserialize)]
-pub struct Top5 {
-    pub ids: Vec<u32>,
-    pub probs: Vec<f32>,
-}
-
 /// One (model, prompt) reference folder.
 pub struct Reference {
     pub dir: PathBuf,
@@ -49,8 +32,7 @@ pub struct Reference {
 impl Reference {
     pub fn load(model: &str, prompt: &str) -> Self {
         let dir = root().join("fixtures/reference").join(model).join(prompt);
-        let meta =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json")).unwrap()).unwrap();
+        let meta = Meta::read(&dir).unwrap();
         Self { dir, meta }
     }
 
