@@ -168,7 +168,6 @@ pub async fn start(
         events,
         engine: Some(stream),
         detokenizer,
-        eos: facts.eos_token_id,
         model: facts.model,
         received,
         deadline,
@@ -203,12 +202,6 @@ fn engine_request(request: &ValidExecute, prompt_ids: Vec<u32>) -> epb::Generate
     }
 }
 
-/// Whether `token` is the job's last: it ends the text, or it is the `max_tokens`-th. The last
-/// token flushes the detokenizer and any text held back for a stop string.
-fn is_last_token(token: &epb::Token, eos: u32, max_tokens: u32) -> bool {
-    token.id == eos || token.index + 1 >= max_tokens
-}
-
 /// One running job.
 struct Job {
     app: Arc<AppState>,
@@ -219,7 +212,6 @@ struct Job {
     engine: Option<Streaming<epb::GenerateResponse>>,
     detokenizer: Detokenizer,
     stop: StopMatcher,
-    eos: u32,
     model: String,
     received: Instant,
     deadline: Instant,
@@ -361,7 +353,9 @@ impl Job {
         t: &epb::Token,
         last_token: &mut Option<Instant>,
     ) -> Result<Option<String>, Ending> {
-        let is_last = is_last_token(t, self.eos, self.request.max_tokens);
+        // The engine marks the token that ends generation (EOS, a stop id or the length
+        // limit); it flushes the detokenizer and any text held back for a stop string.
+        let is_last = t.finish_reason.is_some();
         let text = self.detokenizer.push(t.id, is_last).await?;
         let (text, matched) = match self.stop.push(&text) {
             Released::Text(mut text) => {

@@ -19,8 +19,6 @@ pub struct ModelFacts {
     pub model: String,
     /// Context length.
     pub n_ctx: u32,
-    /// End-of-text id.
-    pub eos_token_id: u32,
     /// Vocabulary size.
     pub vocab_size: u32,
     /// Bytes of weights the engine holds.
@@ -112,7 +110,6 @@ impl AppState {
         let facts = ModelFacts {
             model: self.config.model.clone().unwrap_or(eng.model),
             n_ctx: eng.n_ctx,
-            eos_token_id: eng.eos_token_id,
             vocab_size: eng.vocab_size,
             weight_bytes: eng.weight_bytes,
         };

@@ -101,3 +101,76 @@ fn finished_streams_return_their_cache_and_end_with_finished() {
     handle.stop();
     thread.join().unwrap();
 }
+
+/// Prompts that arrive together give each stream bitwise what it gets alone, whether the
+/// model may share prefill steps (this machine's load-time check) or not (forced off, as on a
+/// machine whose `sgemm` rows are not batch-invariant): both branches run on every machine.
+#[test]
+fn prompts_arriving_together_equal_each_alone_with_or_without_shared_prefill() {
+    let prompts: [&[u32]; 4] =
+        [&[15496, 13], &[464, 2068, 7586, 21831, 18045], &[50, 60, 70], &[11, 12, 13, 14]];
+    let request = |i: usize| ValidRequest {
+        request_id: format!("p{i}"),
+        prompt: prompts[i].to_vec(),
+        sampling: SamplingParams {
+            temperature: 0.8,
+            top_k: 50,
+            seed: 100 + i as u64,
+            ..SamplingParams::greedy()
+        },
+        stopping: Stopping {
+            max_new_tokens: 6,
+            stop_token_ids: vec![],
+            ignore_eos: true,
+            eos_token_id: 50256,
+        },
+        logprobs: true,
+        top_logprobs: 0,
+    };
+    let natural = model();
+    let forced_off = Arc::new(
+        Gpt2::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/default"))
+            .unwrap()
+            .without_shared_prefill(),
+    );
+    for model in [natural, forced_off] {
+        let alone: Vec<(Vec<u32>, Vec<f32>)> = (0..prompts.len())
+            .map(|i| {
+                let g = llorch_engine::generate(&model, request(i), 256, |_| {}).unwrap();
+                (g.ids(), g.tokens.iter().map(|t| t.logprob).collect())
+            })
+            .collect();
+        let config = SchedulerConfig { max_batch: 8, max_queue: 8, prefill_chunk: 256 };
+        let (handle, thread) = scheduler::spawn(Arc::clone(&model), config).unwrap();
+        let rxs: Vec<_> = (0..prompts.len())
+            .map(|i| {
+                let (events, rx) = tokio::sync::mpsc::channel(8);
+                let job =
+                    Job { req: request(i), events, deadline: None, span: tracing::Span::none() };
+                handle.submit(job).unwrap();
+                rx
+            })
+            .collect();
+        for (i, mut rx) in rxs.into_iter().enumerate() {
+            let (mut ids, mut logprobs) = (Vec::new(), Vec::new());
+            loop {
+                match rx.blocking_recv() {
+                    Some(Event::Token(t)) => {
+                        ids.push(t.token.id);
+                        logprobs.push(t.token.logprob);
+                    }
+                    Some(Event::Finished(_)) => break,
+                    other => panic!("{other:?}"),
+                }
+            }
+            assert_eq!(
+                (ids, logprobs),
+                alone[i],
+                "prompt {i}, shared_prefill = {}",
+                model.shared_prefill()
+            );
+        }
+        handle.stop();
+        thread.join().unwrap();
+    }
+}
