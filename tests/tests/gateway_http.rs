@@ -327,22 +327,34 @@ async fn started_stream(stack: &Stack, body: Value) -> SseReader {
     r
 }
 
-#[tokio::test]
-async fn cancel_during_decode_ends_with_cancelled_and_frees_the_engine() {
-    let stack = stack().await;
+/// A 1000-token greedy job, read up to its first token.
+async fn decoding_stream(stack: &Stack, job_id: &str) -> SseReader {
     let mut r = started_stream(
-        &stack,
-        json!({"job_id": "long", "prompt": "Hello.", "max_tokens": 1000, "temperature": 0}),
+        stack,
+        json!({"job_id": job_id, "prompt": "Hello.", "max_tokens": 1000, "temperature": 0}),
     )
     .await;
     assert_eq!(r.next().await.unwrap().event, "token");
-    let resp =
-        http().post(stack.url("/cancel")).json(&json!({"job_id": "long"})).send().await.unwrap();
-    assert_eq!(resp.status(), 202);
+    r
+}
+
+/// The rest of a cancelled [`decoding_stream`]: it ends with `error` `CANCELLED`, long before
+/// its 1000 tokens.
+async fn assert_ends_cancelled(r: SseReader) {
     let rest = r.collect().await;
     let last = rest.last().unwrap();
     assert_eq!((last.event.as_str(), last.data["code"].as_str()), ("error", Some("CANCELLED")));
     assert!(rest.iter().filter(|e| e.event == "token").count() < 990);
+}
+
+#[tokio::test]
+async fn cancel_during_decode_ends_with_cancelled_and_frees_the_engine() {
+    let stack = stack().await;
+    let r = decoding_stream(&stack, "long").await;
+    let resp =
+        http().post(stack.url("/cancel")).json(&json!({"job_id": "long"})).send().await.unwrap();
+    assert_eq!(resp.status(), 202);
+    assert_ends_cancelled(r).await;
     wait_engine_idle(&stack).await;
     // Idempotent, also for unknown and finished jobs.
     for id in ["long", "never-existed"] {
@@ -376,12 +388,7 @@ async fn cancel_during_decode_ends_with_cancelled_and_frees_the_engine() {
 #[tokio::test]
 async fn cancel_by_path_is_the_same_as_cancel_with_a_body() {
     let stack = stack().await;
-    let mut r = started_stream(
-        &stack,
-        json!({"job_id": "by path/1", "prompt": "Hello.", "max_tokens": 1000, "temperature": 0}),
-    )
-    .await;
-    assert_eq!(r.next().await.unwrap().event, "token");
+    let r = decoding_stream(&stack, "by path/1").await;
     // The id is one path segment, percent-encoded like any client would.
     let resp = http().post(stack.url("/cancel/by%20path%2F1")).send().await.unwrap();
     assert_eq!(resp.status(), 202);
@@ -390,10 +397,7 @@ async fn cancel_by_path_is_the_same_as_cancel_with_a_body() {
         (body["job_id"].as_str(), body["running"].as_bool()),
         (Some("by path/1"), Some(true))
     );
-    let rest = r.collect().await;
-    let last = rest.last().unwrap();
-    assert_eq!((last.event.as_str(), last.data["code"].as_str()), ("error", Some("CANCELLED")));
-    assert!(rest.iter().filter(|e| e.event == "token").count() < 990);
+    assert_ends_cancelled(r).await;
     wait_engine_idle(&stack).await;
     // Idempotent, also for unknown and finished jobs; a body, if sent, is ignored.
     for path in ["/cancel/by%20path%2F1", "/cancel/never-existed"] {
