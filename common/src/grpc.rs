@@ -49,16 +49,37 @@ impl Health {
     }
 }
 
-/// Server reflection (v1) over every llorch proto.
-pub fn reflection() -> anyhow::Result<
+/// The health service's full name, listed by reflection next to each llorch service.
+pub const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+
+/// Server reflection for the server of `service`: it lists `service` and
+/// [`HEALTH_SERVICE`] only (so `grpcurl list` on a port shows what that port answers) and
+/// describes every llorch and health type.
+fn reflection_builder(service: &'static str) -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(llorch_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name(service)
+        .with_service_name(HEALTH_SERVICE)
+}
+
+/// Server reflection as `grpc.reflection.v1` and as `grpc.reflection.v1alpha` (which Python's
+/// `grpcio-reflection` and many `grpcurl` builds speak only), both from [`reflection_builder`].
+pub fn reflection(
+    service: &'static str,
+) -> anyhow::Result<(
     tonic_reflection::server::v1::ServerReflectionServer<
         impl tonic_reflection::server::v1::ServerReflection,
     >,
-> {
-    tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(llorch_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| anyhow::anyhow!("cannot build the reflection service: {e}"))
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+)> {
+    let err = |e| anyhow::anyhow!("cannot build the reflection service: {e}");
+    Ok((
+        reflection_builder(service).build_v1().map_err(err)?,
+        reflection_builder(service).build_v1alpha().map_err(err)?,
+    ))
 }
 
 /// Serves `routes` (one llorch service) next to `health` and reflection on `listener`, while
@@ -76,10 +97,12 @@ pub async fn serve(
     grace: Duration,
 ) -> anyhow::Result<()> {
     let drain = DrainSignal::new();
+    let (reflection_v1, reflection_v1alpha) = reflection(health.service)?;
     let server = tonic::transport::Server::builder()
         .add_routes(routes)
         .add_service(health.server())
-        .add_service(reflection()?)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), drain.started());
     let server = async {
         drain_with_deadline(server, drain.started(), grace).await?;

@@ -392,3 +392,83 @@ pub fn scripted_model(dir: &Path, prompt_len: usize, script: &[u32]) -> anyhow::
     llorch_engine::random::copy_tokenizer_files(&default_model(), dir)?;
     Ok(())
 }
+
+/// What a server's reflection says, asked once over each protocol version (`v1`, `v1alpha`):
+/// the services it lists (sorted), and whether it can describe `symbol` (the file that
+/// defines it, as `grpcurl describe` asks).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reflected {
+    /// `ListServices`, sorted.
+    pub services: Vec<String>,
+    /// `FileContainingSymbol(symbol)` answered with at least one file descriptor.
+    pub describes_symbol: bool,
+}
+
+/// One reflection client function per protocol version: the two versions' messages are the
+/// same, in different generated modules.
+macro_rules! reflect_fn {
+    ($(#[$doc:meta])* $name:ident, $version:ident) => {
+        $(#[$doc])*
+        pub async fn $name(channel: Channel, symbol: &str) -> anyhow::Result<Reflected> {
+            use tonic_reflection::pb::$version::server_reflection_client::ServerReflectionClient;
+            use tonic_reflection::pb::$version::server_reflection_request::MessageRequest;
+            use tonic_reflection::pb::$version::server_reflection_response::MessageResponse;
+            use tonic_reflection::pb::$version::{
+                ServerReflectionRequest, ServerReflectionResponse,
+            };
+
+            let req =
+                |m| ServerReflectionRequest { host: String::new(), message_request: Some(m) };
+            let reqs = [
+                req(MessageRequest::ListServices(String::new())),
+                req(MessageRequest::FileContainingSymbol(symbol.to_owned())),
+            ];
+            let resp = ServerReflectionClient::new(channel)
+                .server_reflection_info(futures::stream::iter(reqs))
+                .await?
+                .into_inner();
+            let answers: Vec<ServerReflectionResponse> =
+                futures::StreamExt::collect::<Vec<_>>(resp)
+                    .await
+                    .into_iter()
+                    .collect::<Result<_, _>>()?;
+            let mut out = Reflected { services: Vec::new(), describes_symbol: false };
+            for a in answers {
+                match a.message_response {
+                    Some(MessageResponse::ListServicesResponse(l)) => {
+                        out.services = l.service.into_iter().map(|s| s.name).collect();
+                    }
+                    Some(MessageResponse::FileDescriptorResponse(f)) => {
+                        out.describes_symbol = !f.file_descriptor_proto.is_empty();
+                    }
+                    other => bail!("unexpected reflection answer {other:?}"),
+                }
+            }
+            out.services.sort();
+            Ok(out)
+        }
+    };
+}
+
+reflect_fn!(
+    /// Asks `channel`'s reflection over `grpc.reflection.v1`: list, then describe `symbol`.
+    reflect_v1,
+    v1
+);
+reflect_fn!(
+    /// The same over `grpc.reflection.v1alpha`, the version Python's `grpcio-reflection` and
+    /// many `grpcurl` builds speak.
+    reflect_v1alpha,
+    v1alpha
+);
+
+/// Asserts that the reflection on `channel` lists exactly `service` and `grpc.health.v1.Health`
+/// and describes `service`, over both protocol versions.
+pub async fn assert_reflection_lists_only(channel: Channel, service: &str) {
+    let want = Reflected {
+        services: vec![llorch_common::grpc::HEALTH_SERVICE.to_owned(), service.to_owned()],
+        describes_symbol: true,
+    };
+    assert_eq!(reflect_v1(channel.clone(), service).await.unwrap(), want, "v1");
+    assert_eq!(reflect_v1alpha(channel, service).await.unwrap(), want, "v1alpha");
+}

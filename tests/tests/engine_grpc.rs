@@ -99,6 +99,15 @@ fn alone(req: &GenerateRequest) -> (Vec<u32>, Vec<f32>) {
     (g.ids(), g.tokens.iter().map(|t| t.logprob).collect())
 }
 
+/// Reflection on the engine's port lists the engine and health only (not the tokenizer), in
+/// both protocol versions, and describes the engine for `grpcurl`.
+#[tokio::test]
+async fn reflection_lists_only_this_ports_services_in_v1_and_v1alpha() {
+    let (svc, _client) = started(|_| {}).await;
+    llorch_e2e::assert_reflection_lists_only(svc.channel(), llorch_proto::ENGINE_SERVICE).await;
+    svc.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn greedy_generate_over_grpc_equals_the_library_and_the_hf_reference() {
     let (svc, mut client) = started(|_| {}).await;
