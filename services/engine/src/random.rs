@@ -74,6 +74,35 @@ impl RandomModel {
             .collect()
     }
 
+    /// The `config.json` written beside the weights: the keys the engine reads plus those
+    /// Hugging Face's `save_pretrained` writes for a `GPT2LMHeadModel` and that other tools
+    /// require (`transformers`' `AutoConfig` needs `model_type`; llama.cpp's converter needs
+    /// `architectures` and `n_ctx`). Dropouts and `initializer_range` are GPT-2's defaults;
+    /// they only matter for training.
+    pub fn config_json(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(&self.config).unwrap_or_default();
+        let extra = serde_json::json!({
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "n_ctx": self.config.n_positions,
+            "bos_token_id": self.config.eos_token_id,
+            "attn_pdrop": 0.1,
+            "embd_pdrop": 0.1,
+            "resid_pdrop": 0.1,
+            "initializer_range": 0.02,
+            "use_cache": true,
+            "torch_dtype": match self.dtype {
+                StorageDtype::F32 => "float32",
+                StorageDtype::F16 => "float16",
+                StorageDtype::Bf16 => "bfloat16",
+            },
+        });
+        if let (Some(map), serde_json::Value::Object(extra)) = (v.as_object_mut(), extra) {
+            map.extend(extra);
+        }
+        v
+    }
+
     /// Writes `config.json` and `model.safetensors` into `dir` (created if missing).
     pub fn write(&self, dir: &Path) -> Result<(), EngineError> {
         let cfg = self.config.validate()?;
@@ -82,7 +111,7 @@ impl RandomModel {
             reason: e.to_string(),
         };
         std::fs::create_dir_all(dir).map_err(io)?;
-        let config_json = serde_json::to_string_pretty(&self.config)
+        let config_json = serde_json::to_string_pretty(&self.config_json())
             .map_err(|e| EngineError::Internal(e.to_string()))?;
         std::fs::write(dir.join("config.json"), config_json).map_err(io)?;
         let shapes: BTreeMap<String, Vec<usize>> = expected_shapes(&cfg).into_iter().collect();

@@ -202,3 +202,26 @@ fn config_problems_are_clear() {
     std::fs::write(dir.path().join("config.json"), serde_json::to_string(&c).unwrap()).unwrap();
     assert!(load_err(dir.path()).to_string().contains("not a multiple of n_head 5"));
 }
+
+/// `random-model` writes a `config.json` that other tools accept: the keys `save_pretrained`
+/// writes for a `GPT2LMHeadModel` (`transformers` needs `model_type`, llama.cpp's converter
+/// `architectures` and `n_ctx`), and it still loads here with the same shape.
+#[test]
+fn a_random_models_config_is_what_save_pretrained_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    spec(StorageDtype::F16, FileLayout::SavePretrained).write(dir.path()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
+            .unwrap();
+    let c = small_config();
+    assert_eq!(v["model_type"], "gpt2");
+    assert_eq!(v["architectures"], serde_json::json!(["GPT2LMHeadModel"]));
+    assert_eq!(v["n_ctx"], c.n_positions);
+    assert_eq!(v["n_positions"], c.n_positions);
+    assert_eq!(v["torch_dtype"], "float16");
+    assert_eq!(
+        (v["bos_token_id"].as_u64(), v["eos_token_id"].as_u64()),
+        (Some(50256), Some(50256))
+    );
+    assert_eq!(*Gpt2::load(dir.path()).unwrap().config(), c.validate().unwrap());
+}
