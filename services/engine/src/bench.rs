@@ -138,12 +138,13 @@ pub fn run(
     let prefill_s = median(samples.iter().map(|s| s.0).collect());
     let decode_s = median(samples.iter().map(|s| s.1).collect());
     let steps = (cfg.new_tokens - 1).max(1) as f64;
+    let blas = crate::blas_core::report();
     Ok(BenchReport {
         model: name.to_owned(),
         shape: [m.n_layer, m.n_head, m.n_embd, m.vocab_size],
         dtype: model.dtype().to_owned(),
-        openblas_core: crate::blas_core::report().core.clone(),
-        openblas_core_reason: crate::blas_core::report().reason.clone(),
+        openblas_core: blas.core.clone(),
+        openblas_core_reason: blas.reason.clone(),
         threads: crate::threads::current(),
         batch: cfg.batch,
         prompt_tokens: cfg.prompt_tokens,

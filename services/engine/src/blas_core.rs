@@ -184,36 +184,39 @@ unsafe fn c_string(p: *const c_char) -> String {
 /// threads start. Returns the report (also kept for [`report`]). Logs nothing: the caller logs
 /// the report once its logger is up ([`log_report`]).
 pub fn ensure_best_core() -> &'static CoreReport {
-    REPORT.get_or_init(|| {
-        let cpu = CpuFeatures::detect();
-        let core = corename();
-        let replaced = std::env::var(REEXEC_GUARD).ok();
-        let user = std::env::var(CORETYPE).ok();
-        let reason = if let Some(from) = replaced {
-            format!(
-                "OpenBLAS chose {from}, older than this CPU runs ({:?}); re-ran with \
-                 {CORETYPE}={}",
-                cpu.level(),
-                user.as_deref().unwrap_or("?")
-            )
-        } else {
-            match choose(cpu, &core, user.as_deref()) {
-                CoreChoice::User(u) => format!("{CORETYPE}={u} set by the user"),
-                CoreChoice::Keep => {
-                    format!("OpenBLAS's own choice for this CPU ({:?})", cpu.level())
-                }
-                CoreChoice::Upgrade(best) => {
-                    reexec(&core, best);
-                    // Only reached when the re-execution failed.
-                    format!(
-                        "OpenBLAS chose {core}, older than this CPU runs; re-running with \
-                         {CORETYPE}={best} failed, kept {core}"
-                    )
-                }
+    REPORT.get_or_init(|| inspect(true))
+}
+
+/// What this process runs and why; with `may_reexec`, a better kernel set is put in place by
+/// re-executing (which returns only if that failed).
+fn inspect(may_reexec: bool) -> CoreReport {
+    let cpu = CpuFeatures::detect();
+    let core = corename();
+    let user = std::env::var(CORETYPE).ok();
+    let reason = if let Ok(from) = std::env::var(REEXEC_GUARD) {
+        format!(
+            "OpenBLAS chose {from}, older than this CPU runs ({:?}); re-ran with {CORETYPE}={}",
+            cpu.level(),
+            user.as_deref().unwrap_or("?")
+        )
+    } else {
+        match choose(cpu, &core, user.as_deref()) {
+            CoreChoice::User(u) => format!("{CORETYPE}={u} set by the user"),
+            CoreChoice::Keep => format!("OpenBLAS's own choice for this CPU ({:?})", cpu.level()),
+            CoreChoice::Upgrade(best) if may_reexec => {
+                reexec(&core, best);
+                format!(
+                    "OpenBLAS chose {core}, older than this CPU runs; re-running with \
+                     {CORETYPE}={best} failed, kept {core}"
+                )
             }
-        };
-        CoreReport { core, reason, config: config_string(), cpu }
-    })
+            CoreChoice::Upgrade(best) => format!(
+                "OpenBLAS's own choice; {best} would suit this CPU better, but this process \
+                 does not re-execute (only the engine binaries do)"
+            ),
+        }
+    };
+    CoreReport { core, reason, config: config_string(), cpu }
 }
 
 /// Replaces this process with itself, same arguments, `OPENBLAS_CORETYPE=best` and the guard
@@ -232,18 +235,10 @@ fn reexec(from: &str, best: &str) {
     eprintln!("llorch: could not re-execute {} with {CORETYPE}={best}: {err}", exe.display());
 }
 
-/// The report of this process ([`ensure_best_core`]'s, or — where it was not called, as in
-/// tests — OpenBLAS's choice as it stands).
+/// The report of this process: [`ensure_best_core`]'s, or, where that was not called (a test
+/// binary), the same decision without the re-execution.
 pub fn report() -> &'static CoreReport {
-    REPORT.get_or_init(|| {
-        let cpu = CpuFeatures::detect();
-        let user = std::env::var(CORETYPE).ok().filter(|u| !u.is_empty());
-        let reason = match user {
-            Some(u) => format!("{CORETYPE}={u} set by the user"),
-            None => "OpenBLAS's own choice (not checked in this process)".to_owned(),
-        };
-        CoreReport { core: corename(), reason, config: config_string(), cpu }
-    })
+    REPORT.get_or_init(|| inspect(false))
 }
 
 /// Logs the report once, at INFO.

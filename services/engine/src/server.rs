@@ -192,6 +192,7 @@ impl Engine for EngineService {
         let stats = engine.scheduler.stats();
         let sc = engine.scheduler.config();
         let u = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+        let blas = crate::blas_core::report();
         Ok(Response::new(pb::InfoResponse {
             model: engine.name.clone(),
             n_layer: u(c.n_layer),
@@ -211,8 +212,8 @@ impl Engine for EngineService {
             prefill_chunk: u(sc.prefill_chunk),
             decode_steps: stats.decode_steps.load(Ordering::SeqCst),
             weight_bytes: engine.model.weight_bytes() as u64,
-            openblas_core: crate::blas_core::report().core.clone(),
-            openblas_core_reason: crate::blas_core::report().reason.clone(),
+            openblas_core: blas.core.clone(),
+            openblas_core_reason: blas.reason.clone(),
         }))
     }
 

@@ -21,7 +21,7 @@ fn spawn(max_batch: usize, max_queue: usize) -> (SchedulerHandle, std::thread::J
 }
 
 fn job(id: &str, max_new: usize) -> (Job, tokio::sync::mpsc::Receiver<Event>) {
-    let (events, rx) = tokio::sync::mpsc::channel(max_new + 2);
+    let (events, rx) = tokio::sync::mpsc::channel(scheduler::event_capacity(max_new));
     let req = ValidRequest {
         request_id: id.into(),
         prompt: vec![15496, 13],
@@ -144,9 +144,10 @@ fn prompts_arriving_together_equal_each_alone_with_or_without_shared_prefill() {
         let (handle, thread) = scheduler::spawn(Arc::clone(&model), config).unwrap();
         let rxs: Vec<_> = (0..prompts.len())
             .map(|i| {
-                let (events, rx) = tokio::sync::mpsc::channel(8);
-                let job =
-                    Job { req: request(i), events, deadline: None, span: tracing::Span::none() };
+                let req = request(i);
+                let capacity = scheduler::event_capacity(req.stopping.max_new_tokens);
+                let (events, rx) = tokio::sync::mpsc::channel(capacity);
+                let job = Job { req, events, deadline: None, span: tracing::Span::none() };
                 handle.submit(job).unwrap();
                 rx
             })

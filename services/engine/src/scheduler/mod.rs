@@ -256,6 +256,7 @@ impl SchedulerHandle {
         self.config
     }
 }
+
 /// Starts the scheduler thread for `model`.
 pub fn spawn(
     model: Arc<Gpt2>,
