@@ -12,6 +12,8 @@ use anyhow::{Context, bail};
 #[derive(Debug)]
 pub struct ChildLog {
     lines: Receiver<String>,
+    /// Messages of the lines [`wait_for`](Self::wait_for) read, in order.
+    seen: std::cell::RefCell<Vec<String>>,
 }
 
 impl ChildLog {
@@ -26,7 +28,7 @@ impl ChildLog {
                 let _ = tx.send(line);
             }
         });
-        Ok(Self { lines })
+        Ok(Self { lines, seen: Default::default() })
     }
 
     /// Skips lines up to the first whose message is `message` and returns that line's
@@ -43,10 +45,19 @@ impl ChildLog {
                 }
             };
             let mut v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if let Some(m) = v["fields"]["message"].as_str() {
+                self.seen.borrow_mut().push(m.to_owned());
+            }
             if v["fields"]["message"] == message {
                 return Ok(v["fields"].take());
             }
         }
+    }
+
+    /// The messages of every line [`wait_for`](Self::wait_for) has read so far (the ones it
+    /// skipped too), in order.
+    pub fn seen(&self) -> Vec<String> {
+        self.seen.borrow().clone()
     }
 
     /// The lines not read yet, up to the child closing its stderr: call it once the child
@@ -77,6 +88,7 @@ mod tests {
         let log = ChildLog::forward(&mut c).unwrap();
         let fields = log.wait_for("listening", Duration::from_secs(30)).unwrap();
         assert_eq!(fields["addr"], "127.0.0.1:7");
+        assert_eq!(log.seen(), ["other", "listening"]);
         c.wait().unwrap();
         assert_eq!(log.rest(), ["after"]);
     }

@@ -1,5 +1,5 @@
-//! gRPC wiring both services share: `grpc.health.v1`, server reflection, and [`serve`], which
-//! runs a service next to them and stops it gracefully.
+//! gRPC wiring both services share: `grpc.health.v1`, server reflection, a server span per call
+//! ([`server_span`]), and [`serve`], which runs a service next to them and stops it gracefully.
 
 use std::future::Future;
 use std::time::Duration;
@@ -11,7 +11,11 @@ use tonic_health::ServingStatus;
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::{HealthReporter, HealthService};
 
+use tower_http::classify::GrpcFailureClass;
+use tower_http::trace::TraceLayer;
+
 use crate::shutdown::{DrainSignal, drain_with_deadline};
+use crate::telemetry;
 
 /// The health service of one llorch service. `""` reports liveness (SERVING while the process
 /// runs), the service's full name reports readiness (NOT_SERVING while loading and draining).
@@ -99,6 +103,15 @@ pub async fn serve(
     let drain = DrainSignal::new();
     let (reflection_v1, reflection_v1alpha) = reflection(health.service)?;
     let server = tonic::transport::Server::builder()
+        .layer(
+            TraceLayer::new_for_grpc()
+                .make_span_with(server_span)
+                .on_request(())
+                .on_response(())
+                .on_body_chunk(())
+                .on_eos(on_eos)
+                .on_failure(on_failure),
+        )
         .add_routes(routes)
         .add_service(health.server())
         .add_service(reflection_v1)
@@ -115,4 +128,53 @@ pub async fn serve(
     };
     tokio::try_join!(lifecycle, server)?;
     Ok(())
+}
+
+/// The server span of one call: named `package.Service/Method` after the OpenTelemetry RPC
+/// conventions, the child of the caller's trace context (W3C `traceparent` in the metadata),
+/// carrying the caller's `x-correlation-id` and a `request_id` the handler may record. It lasts
+/// until the response stream ends. Health checks, reflection and `Info` (what the gateway's
+/// `/health` asks, every few seconds under a supervisor) get none.
+pub fn server_span<B>(req: &http::Request<B>) -> tracing::Span {
+    let method = req.uri().path().trim_start_matches('/');
+    if method.starts_with("grpc.health.")
+        || method.starts_with("grpc.reflection.")
+        || method.ends_with("/Info")
+    {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        "rpc",
+        otel.name = %method,
+        otel.kind = "server",
+        correlation_id = tracing::field::Empty,
+        request_id = tracing::field::Empty,
+    );
+    if let Some(id) = req.headers().get("x-correlation-id").and_then(|v| v.to_str().ok()) {
+        span.record("correlation_id", id);
+    }
+    telemetry::extract(&span, req.headers());
+    telemetry::rpc_attributes(&span, method);
+    span
+}
+
+fn on_eos(trailers: Option<&http::HeaderMap>, _stream: Duration, span: &tracing::Span) {
+    let code = trailers
+        .and_then(|t| t.get("grpc-status"))
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    if let Some(code) = code {
+        let message = trailers
+            .and_then(|t| t.get("grpc-message"))
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        telemetry::grpc_status(span, code, message);
+    }
+}
+
+fn on_failure(class: GrpcFailureClass, _latency: Duration, span: &tracing::Span) {
+    match class {
+        GrpcFailureClass::Code(code) => telemetry::grpc_status(span, code.get(), ""),
+        GrpcFailureClass::Error(message) => telemetry::error(span, message),
+    }
 }

@@ -1,11 +1,11 @@
 //! `X-Correlation-ID`: echoed when the caller sends a UUID, generated otherwise; every log line
-//! of the request carries it (the request span), and it is forwarded to the upstreams.
+//! of the request carries it (recorded on the request span, [`crate::server::http_span`]), and
+//! it is forwarded to the upstreams.
 
 use axum::extract::Request;
 use axum::http::HeaderValue;
 use axum::middleware::Next;
 use axum::response::Response;
-use tracing::Instrument;
 
 /// The header name.
 pub const HEADER: &str = "x-correlation-id";
@@ -14,7 +14,7 @@ pub const HEADER: &str = "x-correlation-id";
 #[derive(Debug, Clone)]
 pub struct CorrelationId(pub String);
 
-/// Middleware: picks the id, opens the request span, echoes the header.
+/// Middleware: picks the id, records it on the request span, echoes the header.
 pub async fn layer(mut req: Request, next: Next) -> Response {
     let id = req
         .headers()
@@ -25,8 +25,8 @@ pub async fn layer(mut req: Request, next: Next) -> Response {
         .hyphenated()
         .to_string();
     req.extensions_mut().insert(CorrelationId(id.clone()));
-    let span = tracing::info_span!("request", correlation_id = %id, method = %req.method(), path = %req.uri().path(), job_id = tracing::field::Empty);
-    let mut resp = next.run(req).instrument(span).await;
+    tracing::Span::current().record("correlation_id", id.as_str());
+    let mut resp = next.run(req).await;
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert(HEADER, v);
     }

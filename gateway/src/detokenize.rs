@@ -1,36 +1,44 @@
 //! The tokenizer's `DecodeStream` for one job: token ids in, the text they complete out, so
-//! a character split over tokens is released whole, with the token that completes it.
+//! a character split over tokens is released whole, with the token that completes it. The call's
+//! client span lasts as long as the stream.
 
+use llorch_common::telemetry;
 use llorch_proto::tokenizer::v1 as tpb;
-use llorch_proto::tokenizer::v1::tokenizer_client::TokenizerClient;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
-use tonic::transport::Channel;
+use tracing::Instrument;
 
 use crate::error::{ErrorKind, GatewayError};
-use crate::upstream::CallContext;
+use crate::upstream::{CallContext, Tokenizer};
+
+/// The RPC's full name.
+const METHOD: &str = "llorch.tokenizer.v1.Tokenizer/DecodeStream";
 
 /// One job's `DecodeStream`.
 pub struct Detokenizer {
     /// `None` once half-closed.
     ids: Option<mpsc::Sender<tpb::DecodeStreamRequest>>,
     text: Streaming<tpb::DecodeStreamResponse>,
+    /// The call's client span, closed when the job lets go of the stream.
+    span: tracing::Span,
 }
 
 impl Detokenizer {
     /// Opens the stream.
-    pub async fn open(
-        tokenizer: &mut TokenizerClient<Channel>,
-        ctx: &CallContext,
-    ) -> Result<Self, GatewayError> {
+    pub async fn open(tokenizer: &mut Tokenizer, ctx: &CallContext) -> Result<Self, GatewayError> {
         let (ids, rx) = mpsc::channel(16);
+        let span = telemetry::client_span(METHOD);
         let text = tokenizer
             .decode_stream(ctx.request(ReceiverStream::new(rx)))
+            .instrument(span.clone())
             .await
-            .map_err(|e| GatewayError::from_status("tokenizer", &e))?
+            .map_err(|e| {
+                telemetry::grpc_status(&span, e.code() as i32, e.message());
+                GatewayError::from_status("tokenizer", &e)
+            })?
             .into_inner();
-        Ok(Self { ids: Some(ids), text })
+        Ok(Self { ids: Some(ids), text, span })
     }
 
     /// Sends one id and returns the text it completed; for the last token, half-closes and
@@ -50,9 +58,15 @@ impl Detokenizer {
         loop {
             match self.text.message().await {
                 Ok(Some(reply)) => text.push_str(&reply.text),
-                Ok(None) if is_last => return Ok(text),
+                Ok(None) if is_last => {
+                    telemetry::grpc_status(&self.span, 0, "");
+                    return Ok(text);
+                }
                 Ok(None) => return Err(fail("ended early")),
-                Err(status) => return Err(GatewayError::from_status("tokenizer", &status)),
+                Err(status) => {
+                    telemetry::grpc_status(&self.span, status.code() as i32, status.message());
+                    return Err(GatewayError::from_status("tokenizer", &status));
+                }
             }
             if !is_last {
                 return Ok(text);

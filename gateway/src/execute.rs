@@ -7,7 +7,6 @@ use std::time::Instant;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Extension, State};
-use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 
 use crate::correlation::CorrelationId;
@@ -23,7 +22,6 @@ use crate::validate::ExecuteRequest;
 pub async fn execute(
     State(app): State<Arc<AppState>>,
     Extension(correlation): Extension<CorrelationId>,
-    headers: HeaderMap,
     body: Result<axum::Json<ExecuteRequest>, JsonRejection>,
 ) -> Response {
     let received = Instant::now();
@@ -43,7 +41,7 @@ pub async fn execute(
         Err(errors) => return refuse(&app, errors.into()),
     };
     tracing::Span::current().record("job_id", valid.job_id.as_str());
-    let ctx = CallContext::new(&headers, correlation.0);
+    let ctx = CallContext::new(correlation.0);
     match job::start(&app, valid, ctx, received).await {
         Ok(events) => sse::stream(events).into_response(),
         Err(refusal) => refuse(&app, refusal),

@@ -4,12 +4,17 @@
 //! exactly one `End` or `Failed` — while it detokenizes each token through the tokenizer's
 //! `DecodeStream` and matches stop strings on the text. The worker API frames the events as SSE
 //! ([`crate::sse`]); another route can frame the same events its own way.
+//!
+//! Each job is one `text_completion <model>` span (OpenTelemetry GenAI conventions), the child
+//! of the HTTP request's span, with a client span for each call it makes (`Encode`,
+//! `DecodeStream`, `Generate`, and `Abort` when it stops the engine early).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use llorch_common::telemetry;
 use llorch_proto::engine::v1 as epb;
 use llorch_proto::tokenizer::v1 as tpb;
 use serde::Serialize;
@@ -65,8 +70,14 @@ pub struct Summary {
     pub stop_sequence: Option<String>,
     /// Token events sent.
     pub tokens_out: u32,
-    /// From the start of the job to its end.
+    /// Prompt tokens.
+    pub tokens_in: u32,
+    /// From the first token event to the last (decode only; 0 for a single token).
     pub decode_time: Duration,
+    /// How long the engine kept the request waiting for a batch slot.
+    pub queue_time: Duration,
+    /// From the request's arrival at the gateway to the first token event.
+    pub ttft: Duration,
 }
 
 /// Why generation stopped, serialised as the worker API's `stop_reason`. (The API also lists
@@ -82,6 +93,17 @@ pub enum StopReason {
     StopSequence,
 }
 
+impl StopReason {
+    /// The worker API's name (`MAX_TOKENS`, `EOS`, `STOP_SEQUENCE`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MaxTokens => "MAX_TOKENS",
+            Self::Eos => "EOS",
+            Self::StopSequence => "STOP_SEQUENCE",
+        }
+    }
+}
+
 /// Why a job was not started; nothing was streamed.
 #[derive(Debug)]
 pub enum Refusal {
@@ -92,6 +114,18 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// One line saying why, for the job's span.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Invalid(errors) => {
+                let messages: Vec<&str> =
+                    errors.errors.iter().map(|e| e.message.as_str()).collect();
+                format!("invalid request: {}", messages.join("; "))
+            }
+            Self::Error(e) => e.message.clone(),
+        }
+    }
+
     /// The metrics outcome.
     pub fn outcome(&self) -> Outcome {
         match self {
@@ -122,6 +156,50 @@ pub async fn start(
     ctx: CallContext,
     received: Instant,
 ) -> Result<mpsc::Receiver<JobEvent>, Refusal> {
+    // The GenAI span name is `text_completion <model>`; a name cannot change once the span has
+    // children, so it uses the model as known now (only the very first job after start, before
+    // any health check, may not know it yet).
+    let name = match app.known_model() {
+        Some(model) => format!("text_completion {model}"),
+        None => "text_completion".to_owned(),
+    };
+    let span = tracing::info_span!("text_completion", otel.name = name, job_id = %request.job_id);
+    request_attributes(&span, &request);
+    match open(app, request, ctx, received, span.clone()).instrument(span.clone()).await {
+        Ok((job, events)) => {
+            tokio::spawn(job.run().instrument(span));
+            Ok(events)
+        }
+        Err(refusal) => {
+            telemetry::error(&span, refusal.describe());
+            Err(refusal)
+        }
+    }
+}
+
+/// The GenAI request attributes of a job's span.
+fn request_attributes(span: &tracing::Span, request: &ValidExecute) {
+    if !telemetry::enabled() {
+        return;
+    }
+    telemetry::attribute(span, "gen_ai.operation.name", "text_completion");
+    telemetry::attribute(span, "gen_ai.provider.name", "llorch");
+    telemetry::attribute(span, "gen_ai.request.max_tokens", i64::from(request.max_tokens));
+    telemetry::attribute(span, "gen_ai.request.temperature", f64::from(request.temperature));
+    telemetry::attribute(span, "gen_ai.request.top_p", f64::from(request.top_p));
+    telemetry::attribute(span, "gen_ai.request.top_k", i64::from(request.top_k));
+    // Seeds are u64; OpenTelemetry integers are i64: the bits are kept.
+    telemetry::attribute(span, "gen_ai.request.seed", request.seed as i64);
+}
+
+/// Everything before the job runs: see [`start`].
+async fn open(
+    app: &Arc<AppState>,
+    request: ValidExecute,
+    ctx: CallContext,
+    received: Instant,
+    span: tracing::Span,
+) -> Result<(Job, mpsc::Receiver<JobEvent>), Refusal> {
     let permit = Arc::clone(&app.in_flight).try_acquire_owned().map_err(|_| {
         GatewayError::new(
             ErrorKind::Overloaded,
@@ -135,29 +213,43 @@ pub async fn start(
 
     let mut tokenizer = app.upstreams.tokenizer.clone();
     let encode = tpb::EncodeRequest { text: request.prompt.clone(), add_special_tokens: false };
+    let encode_span = telemetry::client_span("llorch.tokenizer.v1.Tokenizer/Encode");
     let prompt_ids = tokenizer
         .encode(ctx.request(encode))
+        .instrument(encode_span.clone())
         .await
-        .map_err(|e| GatewayError::from_status("tokenizer", &e))?
+        .map_err(|e| {
+            telemetry::grpc_status(&encode_span, e.code() as i32, e.message());
+            GatewayError::from_status("tokenizer", &e)
+        })?
         .into_inner()
         .ids;
+    telemetry::grpc_status(&encode_span, 0, "");
+    drop(encode_span);
     let facts = app.facts().await?;
+    telemetry::attribute(&span, "gen_ai.request.model", facts.model.clone());
+    telemetry::attribute(&span, "gen_ai.usage.input_tokens", prompt_ids.len() as i64);
     let ValidGenerate { request, prompt_ids } = request.check_context(prompt_ids, facts.n_ctx)?;
 
     // The detokenizer stream first: if the tokenizer is down, nothing has started yet.
     let detokenizer = Detokenizer::open(&mut tokenizer, &ctx).await?;
-    let prompt_tokens = prompt_ids.len() as u64;
+    let prompt_tokens = u32::try_from(prompt_ids.len()).unwrap_or(u32::MAX);
     let mut generate = ctx.request(engine_request(&request, prompt_ids));
     generate.set_timeout(deadline.saturating_duration_since(Instant::now()));
+    let generate_span = telemetry::client_span("llorch.engine.v1.Engine/Generate");
     let stream = app
         .upstreams
         .engine
         .clone()
         .generate(generate)
+        .instrument(generate_span.clone())
         .await
-        .map_err(|e| GatewayError::from_status("engine", &e))?
+        .map_err(|e| {
+            telemetry::grpc_status(&generate_span, e.code() as i32, e.message());
+            GatewayError::from_status("engine", &e)
+        })?
         .into_inner();
-    app.metrics.prompt_tokens.fetch_add(prompt_tokens, Ordering::Relaxed);
+    app.metrics.prompt_tokens.fetch_add(u64::from(prompt_tokens), Ordering::Relaxed);
 
     let (events, rx) = mpsc::channel(EVENT_BUFFER);
     let job = Job {
@@ -167,16 +259,21 @@ pub async fn start(
         ctx,
         events,
         engine: Some(stream),
+        generate_span,
         detokenizer,
         model: facts.model,
         received,
         deadline,
+        prompt_tokens,
         tokens_out: 0,
+        first_token: None,
+        last_token: None,
+        queue_time: Duration::ZERO,
+        span,
         guard,
         _permit: permit,
     };
-    tokio::spawn(job.run().in_current_span());
-    Ok(rx)
+    Ok((job, rx))
 }
 
 /// The engine's `Generate` request for `request` with the tokenized prompt.
@@ -210,13 +307,24 @@ struct Job {
     events: mpsc::Sender<JobEvent>,
     /// `None` once the job let go of it (abort).
     engine: Option<Streaming<epb::GenerateResponse>>,
+    /// The `Generate` call's client span; lasts as long as the job.
+    generate_span: tracing::Span,
     detokenizer: Detokenizer,
     stop: StopMatcher,
     model: String,
     received: Instant,
     deadline: Instant,
+    /// Prompt tokens.
+    prompt_tokens: u32,
     /// Token events sent so far.
     tokens_out: u32,
+    /// When the first and the latest token events were sent.
+    first_token: Option<Instant>,
+    last_token: Option<Instant>,
+    /// The engine's queue time, from the first token.
+    queue_time: Duration,
+    /// The job's `text_completion` span.
+    span: tracing::Span,
     /// Registered for `/cancel` until the job ends.
     guard: JobGuard,
     _permit: OwnedSemaphorePermit,
@@ -266,23 +374,29 @@ impl Job {
             model: self.model.clone(),
             at: OffsetDateTime::now_utc(),
         };
-        let begin = Instant::now();
         let ending = if self.events.send(started).await.is_err() {
             Ending::ClientGone
         } else {
             self.stream_tokens().await
         };
-        let decode_time = begin.elapsed();
+        let decode_time = match (self.first_token, self.last_token) {
+            (Some(first), Some(last)) => last - first,
+            _ => Duration::ZERO,
+        };
         let outcome = ending.outcome();
         if !ending.engine_finished() {
             self.abort_engine().await;
         }
+        self.end_attributes(&ending);
         let last = match ending {
             Ending::Finished { reason, matched } => Some(JobEvent::End(Summary {
                 reason,
                 stop_sequence: matched,
                 tokens_out: self.tokens_out,
+                tokens_in: self.prompt_tokens,
                 decode_time,
+                queue_time: self.queue_time,
+                ttft: self.first_token.map_or(Duration::ZERO, |t| t - self.received),
             })),
             Ending::Failed(e) => Some(JobEvent::Failed(e)),
             Ending::ClientGone => None,
@@ -302,10 +416,32 @@ impl Job {
         drop(self.guard);
     }
 
+    /// The span's usage, finish reason and status.
+    fn end_attributes(&self, ending: &Ending) {
+        let span = &self.span;
+        telemetry::attribute(span, "gen_ai.usage.output_tokens", i64::from(self.tokens_out));
+        if let Some(first) = self.first_token {
+            let ttft = (first - self.received).as_secs_f64();
+            telemetry::attribute(span, "gen_ai.server.time_to_first_token", ttft);
+        }
+        match ending {
+            Ending::Finished { reason, .. } => {
+                let name = opentelemetry::StringValue::from(reason.as_str());
+                let reasons = opentelemetry::Array::String(vec![name]);
+                let reasons = opentelemetry::Value::Array(reasons);
+                telemetry::attribute(span, "gen_ai.response.finish_reasons", reasons);
+            }
+            Ending::Failed(e) => {
+                telemetry::attribute(span, "error.type", e.code());
+                telemetry::error(span, e.message.clone());
+            }
+            Ending::ClientGone => telemetry::error(span, "the client went away"),
+        }
+    }
+
     /// The token loop; returns how the stream should end.
     async fn stream_tokens(&mut self) -> Ending {
         let cancel = Arc::clone(&self.guard.cancel);
-        let mut last_token: Option<Instant> = None;
         loop {
             let msg = tokio::select! {
                 biased;
@@ -317,7 +453,11 @@ impl Job {
             let event = match msg {
                 Some(Ok(epb::GenerateResponse { event: Some(e) })) => e,
                 Some(Ok(epb::GenerateResponse { event: None })) => continue,
-                Some(Err(status)) => return Ending::Failed(mid_stream_error(&status)),
+                Some(Err(status)) => {
+                    let code = status.code() as i32;
+                    telemetry::grpc_status(&self.generate_span, code, status.message());
+                    return Ending::Failed(mid_stream_error(&status));
+                }
                 None => {
                     return Ending::Failed(GatewayError::new(
                         ErrorKind::Internal,
@@ -326,17 +466,16 @@ impl Job {
                 }
             };
             match event {
-                epb::generate_response::Event::Token(t) => {
-                    match self.token(&t, &mut last_token).await {
-                        Ok(None) => {}
-                        Ok(Some(matched)) => {
-                            let reason = StopReason::StopSequence;
-                            return Ending::Finished { reason, matched: Some(matched) };
-                        }
-                        Err(ending) => return ending,
+                epb::generate_response::Event::Token(t) => match self.token(&t).await {
+                    Ok(None) => {}
+                    Ok(Some(matched)) => {
+                        let reason = StopReason::StopSequence;
+                        return Ending::Finished { reason, matched: Some(matched) };
                     }
-                }
+                    Err(ending) => return ending,
+                },
                 epb::generate_response::Event::Finished(f) => {
+                    telemetry::grpc_status(&self.generate_span, 0, "");
                     return match stop_reason(&f) {
                         Ok(reason) => Ending::Finished { reason, matched: None },
                         Err(e) => Ending::Failed(e),
@@ -348,11 +487,10 @@ impl Job {
 
     /// Detokenizes one token, matches stop strings on its text and reports it; returns the
     /// stop string when one matched.
-    async fn token(
-        &mut self,
-        t: &epb::Token,
-        last_token: &mut Option<Instant>,
-    ) -> Result<Option<String>, Ending> {
+    async fn token(&mut self, t: &epb::Token) -> Result<Option<String>, Ending> {
+        if let Some(us) = t.queue_us {
+            self.queue_time = Duration::from_micros(us);
+        }
         // The engine marks the token that ends generation (EOS, a stop id or the length
         // limit); it flushes the detokenizer and any text held back for a stop string.
         let is_last = t.finish_reason.is_some();
@@ -370,9 +508,12 @@ impl Job {
         self.events.send(event).await.map_err(|_| Ending::ClientGone)?;
         self.tokens_out += 1;
         let now = Instant::now();
-        match last_token.replace(now) {
+        match self.last_token.replace(now) {
             Some(prev) => self.app.metrics.inter_token.observe(now - prev),
-            None => self.app.metrics.ttft.observe(now - self.received),
+            None => {
+                self.first_token = Some(now);
+                self.app.metrics.ttft.observe(now - self.received);
+            }
         }
         self.app.metrics.generated_tokens.fetch_add(1, Ordering::Relaxed);
         Ok(matched)
@@ -388,8 +529,13 @@ impl Job {
         // reaches it when the stream's cancellation is slow to propagate.
         self.engine = None;
         self.detokenizer.close();
-        if let Err(status) = engine.abort(req).await {
-            tracing::debug!(%status, "abort after the stream ended");
+        let span = telemetry::client_span("llorch.engine.v1.Engine/Abort");
+        match engine.abort(req).instrument(span.clone()).await {
+            Ok(_) => telemetry::grpc_status(&span, 0, ""),
+            Err(status) => {
+                telemetry::grpc_status(&span, status.code() as i32, status.message());
+                tracing::debug!(%status, "abort after the stream ended");
+            }
         }
     }
 }

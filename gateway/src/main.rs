@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 use clap::Parser;
-use llorch_common::logging::{self, LogArgs};
+use llorch_common::telemetry::{self, TelemetryArgs};
 use llorch_gateway::GatewayConfig;
 
 /// llama-orch worker HTTP/SSE API over the llorch services.
@@ -12,7 +12,7 @@ use llorch_gateway::GatewayConfig;
 #[command(version, about)]
 struct Cli {
     #[command(flatten)]
-    log: LogArgs,
+    telemetry: TelemetryArgs,
     #[command(flatten)]
     config: GatewayConfig,
 }
@@ -20,7 +20,8 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    logging::init(&cli.log)?;
+    // Flushes queued spans when dropped, at the end of main.
+    let _telemetry = telemetry::init(&cli.telemetry, "llorch-gateway")?;
     let addr = SocketAddr::new(cli.config.host, cli.config.port);
     let listener =
         tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot bind {addr}"))?;

@@ -6,13 +6,15 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::rejection::{JsonRejection, PathRejection};
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use llorch_common::telemetry;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::net::TcpListener;
+use tower_http::trace::TraceLayer;
 
 use crate::callback;
 use crate::config::GatewayConfig;
@@ -32,7 +34,53 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn(crate::correlation::layer))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(http_span)
+                .on_request(())
+                .on_response(on_response)
+                .on_body_chunk(())
+                .on_eos(())
+                .on_failure(()),
+        )
         .with_state(state)
+}
+
+/// The server span of one HTTP request, named `METHOD /route` after the OpenTelemetry HTTP
+/// conventions, the child of the caller's W3C `traceparent` when it sent one. It lasts until the
+/// response body ends (for `/execute`, the whole SSE stream). Every log line of the request
+/// carries its fields. Probes (`GET /health`, `GET /metrics`) get none.
+pub fn http_span(req: &axum::http::Request<axum::body::Body>) -> tracing::Span {
+    let path = req.uri().path();
+    let route = req.extensions().get::<MatchedPath>().map_or(path, MatchedPath::as_str);
+    if req.method() == axum::http::Method::GET && matches!(route, "/health" | "/metrics") {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        "request",
+        otel.name = %format_args!("{} {route}", req.method()),
+        otel.kind = "server",
+        method = %req.method(),
+        path,
+        correlation_id = tracing::field::Empty,
+        job_id = tracing::field::Empty,
+    );
+    telemetry::extract(&span, req.headers());
+    if telemetry::enabled() {
+        telemetry::attribute(&span, "http.request.method", req.method().as_str().to_owned());
+        telemetry::attribute(&span, "http.route", route.to_owned());
+        telemetry::attribute(&span, "url.path", path.to_owned());
+        telemetry::attribute(&span, "url.scheme", "http");
+    }
+    span
+}
+
+fn on_response<B>(resp: &axum::http::Response<B>, _latency: Duration, span: &tracing::Span) {
+    let status = resp.status();
+    telemetry::attribute(span, "http.response.status_code", i64::from(status.as_u16()));
+    if status.is_server_error() {
+        telemetry::error(span, status.to_string());
+    }
 }
 
 /// `GET /health`: 200 healthy when both upstreams answer and the worker is not draining, else

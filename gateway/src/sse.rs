@@ -49,8 +49,14 @@ pub enum SseEvent {
     End {
         /// Token frames sent.
         tokens_out: u32,
-        /// From the start of the job to its end.
+        /// Prompt tokens.
+        tokens_in: u32,
+        /// From the first token frame to the last: decode only (0 for one token).
         decode_time_ms: u64,
+        /// How long the engine kept the job waiting for a batch slot.
+        queue_time_ms: u64,
+        /// From the request's arrival to the first token frame (tokenizing, queueing, prefill).
+        ttft_ms: u64,
         /// Why generation stopped.
         stop_reason: StopReason,
         /// The stop string, only when one matched.
@@ -99,7 +105,10 @@ impl From<JobEvent> for SseEvent {
             JobEvent::Token { index, text } => Self::Token { t: text, i: index },
             JobEvent::End(s) => Self::End {
                 tokens_out: s.tokens_out,
+                tokens_in: s.tokens_in,
                 decode_time_ms: s.decode_time.as_millis() as u64,
+                queue_time_ms: s.queue_time.as_millis() as u64,
+                ttft_ms: s.ttft.as_millis() as u64,
                 stop_reason: s.reason,
                 stop_sequence_matched: s.stop_sequence,
             },
@@ -139,7 +148,10 @@ mod tests {
             },
             stop_sequence: stop_sequence.map(str::to_owned),
             tokens_out: 2,
+            tokens_in: 5,
             decode_time: Duration::from_micros(7_900),
+            queue_time: Duration::from_micros(1_200),
+            ttft: Duration::from_micros(31_700),
         })
     }
 
@@ -160,12 +172,12 @@ mod tests {
             (
                 end(None),
                 "end",
-                r#"{"decode_time_ms":7,"stop_reason":"MAX_TOKENS","tokens_out":2,"type":"end"}"#,
+                r#"{"decode_time_ms":7,"queue_time_ms":1,"stop_reason":"MAX_TOKENS","tokens_in":5,"tokens_out":2,"ttft_ms":31,"type":"end"}"#,
             ),
             (
                 end(Some("\n\n")),
                 "end",
-                r#"{"decode_time_ms":7,"stop_reason":"STOP_SEQUENCE","stop_sequence_matched":"\n\n","tokens_out":2,"type":"end"}"#,
+                r#"{"decode_time_ms":7,"queue_time_ms":1,"stop_reason":"STOP_SEQUENCE","stop_sequence_matched":"\n\n","tokens_in":5,"tokens_out":2,"ttft_ms":31,"type":"end"}"#,
             ),
             (
                 JobEvent::Failed(GatewayError::new(ErrorKind::UpstreamLost, "gone")),
@@ -179,13 +191,16 @@ mod tests {
         }
         let eos = SseEvent::End {
             tokens_out: 1,
+            tokens_in: 1,
             decode_time_ms: 0,
+            queue_time_ms: 0,
+            ttft_ms: 4,
             stop_reason: StopReason::Eos,
             stop_sequence_matched: None,
         };
         assert_eq!(
             eos.data(),
-            r#"{"decode_time_ms":0,"stop_reason":"EOS","tokens_out":1,"type":"end"}"#
+            r#"{"decode_time_ms":0,"queue_time_ms":0,"stop_reason":"EOS","tokens_in":1,"tokens_out":1,"ttft_ms":4,"type":"end"}"#
         );
     }
 
@@ -209,7 +224,7 @@ mod tests {
         assert_eq!(
             std::str::from_utf8(&bytes).unwrap(),
             "event: token\ndata: {\"i\":0,\"t\":\"Hi\",\"type\":\"token\"}\n\n\
-             event: end\ndata: {\"decode_time_ms\":7,\"stop_reason\":\"MAX_TOKENS\",\"tokens_out\":2,\"type\":\"end\"}\n\n"
+             event: end\ndata: {\"decode_time_ms\":7,\"queue_time_ms\":1,\"stop_reason\":\"MAX_TOKENS\",\"tokens_in\":5,\"tokens_out\":2,\"ttft_ms\":31,\"type\":\"end\"}\n\n"
         );
     }
 }

@@ -87,6 +87,13 @@ impl AppState {
         self.draining.load(Ordering::SeqCst)
     }
 
+    /// The model's name, when known without asking: the configured model reference, or the
+    /// engine's name from the last health check or job.
+    pub fn known_model(&self) -> Option<String> {
+        let facts = self.facts.read().unwrap_or_else(|e| e.into_inner());
+        facts.as_ref().map(|f| f.model.clone()).or_else(|| self.config.model.clone())
+    }
+
     /// The model facts, asking the engine when they are not known yet.
     pub async fn facts(&self) -> Result<ModelFacts, GatewayError> {
         if let Some(f) = self.facts.read().unwrap_or_else(|e| e.into_inner()).clone() {

@@ -267,9 +267,15 @@ impl SseReader {
 /// The `llorch-engine` binary of this build (built by `cargo nextest run --workspace` /
 /// `cargo build --workspace`), found next to the test executable.
 pub fn engine_binary() -> anyhow::Result<PathBuf> {
+    binary("llorch-engine")
+}
+
+/// The binary `name` of this build (`llorch-engine`, `llorch-tokenizer`, `llorch-gateway`),
+/// found next to the test executable.
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let dir = exe.parent().and_then(Path::parent).context("test executable has no target dir")?;
-    let bin = dir.join("llorch-engine");
+    let bin = dir.join(name);
     anyhow::ensure!(
         bin.is_file(),
         "{} not found: build the workspace first (cargo build --workspace)",

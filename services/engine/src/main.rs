@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use llorch_common::logging::{self, LogArgs};
+use llorch_common::telemetry::{self, TelemetryArgs};
 use llorch_engine::random::{FileLayout, RandomModel, StorageDtype};
 use llorch_engine::sequence::DEFAULT_PREFILL_CHUNK;
 use llorch_engine::{Gpt2, Gpt2Config, bench, threads};
@@ -17,7 +17,7 @@ use llorch_proto::engine::v1 as pb;
 #[command(version, about)]
 struct Cli {
     #[command(flatten)]
-    log: LogArgs,
+    telemetry: TelemetryArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -141,7 +141,8 @@ fn main() -> anyhow::Result<()> {
     // may re-execute the process once (see `blas_core`).
     let blas_core = llorch_engine::blas_core::ensure_best_core();
     let cli = Cli::parse();
-    logging::init(&cli.log)?;
+    // Flushes queued spans when dropped, at the end of main.
+    let _telemetry = telemetry::init(&cli.telemetry, "llorch-engine")?;
     llorch_engine::blas_core::log_report(blas_core);
     match cli.command {
         Command::Serve(config) => serve(config),

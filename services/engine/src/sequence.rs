@@ -49,6 +49,8 @@ pub struct TokenEvent {
     pub token: Sampled,
     /// Set when this token ends the generation.
     pub finish: Option<FinishReason>,
+    /// How long the request waited for a batch slot; set by the scheduler on the first token.
+    pub queued: Option<std::time::Duration>,
 }
 
 /// A generation in progress.
@@ -131,7 +133,7 @@ impl Sequence {
         } else {
             None
         };
-        Some(TokenEvent { index, token, finish })
+        Some(TokenEvent { index, token, finish, queued: None })
     }
 
     /// Gives the cache back (for reuse by the next sequence).

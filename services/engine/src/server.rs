@@ -159,12 +159,8 @@ type GenerateStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Sta
 impl Engine for EngineService {
     type GenerateStream = GenerateStream;
 
-    #[tracing::instrument(skip_all, fields(
-        request_id,
-        prompt_tokens = request.get_ref().prompt_ids.len(),
-        traceparent = request.metadata().get("traceparent").and_then(|v| v.to_str().ok()),
-        correlation_id = request.metadata().get("x-correlation-id").and_then(|v| v.to_str().ok()),
-    ))]
+    /// Runs inside the call's server span ([`grpc::server_span`]), which the scheduler keeps
+    /// as the request's span until the stream ends.
     async fn generate(
         &self,
         request: Request<pb::GenerateRequest>,
@@ -175,10 +171,11 @@ impl Engine for EngineService {
         }
         let deadline = grpc_timeout(request.metadata()).map(|d| Instant::now() + d);
         let req = validate(request.into_inner(), engine.model.config(), self.max_new_tokens_limit)?;
-        tracing::Span::current().record("request_id", req.request_id.as_str());
+        let span = tracing::Span::current();
+        span.record("request_id", req.request_id.as_str());
+        request_attributes(&span, &req);
         // Room for every event the stream can get: the scheduler never waits on a slow reader.
         let (tx, rx) = tokio::sync::mpsc::channel(event_capacity(req.stopping.max_new_tokens));
-        let span = tracing::Span::current();
         engine.scheduler.submit(Job { req, events: tx, deadline, span })?;
         Ok(Response::new(Box::pin(response_stream(rx))))
     }
@@ -236,6 +233,22 @@ impl Engine for EngineService {
     }
 }
 
+/// The GenAI request attributes of a `Generate` span (OpenTelemetry semantic conventions).
+fn request_attributes(span: &tracing::Span, req: &crate::request::ValidRequest) {
+    use llorch_common::telemetry::attribute;
+    if !llorch_common::telemetry::enabled() {
+        return;
+    }
+    attribute(span, "gen_ai.operation.name", "text_completion");
+    attribute(span, "gen_ai.provider.name", "llorch");
+    attribute(span, "gen_ai.request.max_tokens", req.stopping.max_new_tokens as i64);
+    attribute(span, "gen_ai.request.temperature", f64::from(req.sampling.temperature));
+    attribute(span, "gen_ai.request.top_p", f64::from(req.sampling.top_p));
+    attribute(span, "gen_ai.request.top_k", req.sampling.top_k as i64);
+    attribute(span, "gen_ai.request.seed", req.sampling.seed as i64);
+    attribute(span, "gen_ai.usage.input_tokens", req.prompt.len() as i64);
+}
+
 /// Scheduler events as gRPC messages. A stream that ends without `Finished` (the scheduler
 /// stopped) ends with an error status instead, never silently.
 fn response_stream(
@@ -258,6 +271,9 @@ fn response_stream(
                             .map(|&(id, logprob)| pb::TopLogprob { id, logprob })
                             .collect(),
                         finish_reason: t.finish.map(|r| finish_reason(r) as i32),
+                        queue_us: t
+                            .queued
+                            .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
                     })),
                 })),
                 Some(Event::Finished(f)) => {

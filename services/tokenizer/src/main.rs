@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use llorch_common::logging::{self, LogArgs};
+use llorch_common::telemetry::{self, TelemetryArgs};
 use llorch_tokenizer::{BpeTokenizer, ServeConfig, server};
 
 /// GPT-2 byte-level BPE tokenizer service.
@@ -13,7 +13,7 @@ use llorch_tokenizer::{BpeTokenizer, ServeConfig, server};
 #[command(version, about)]
 struct Cli {
     #[command(flatten)]
-    log: LogArgs,
+    telemetry: TelemetryArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -59,7 +59,8 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    logging::init(&cli.log)?;
+    // Flushes queued spans when dropped, at the end of main.
+    let _telemetry = telemetry::init(&cli.telemetry, "llorch-tokenizer")?;
     match cli.command {
         Command::Serve(config) => {
             let addr = SocketAddr::new(config.host, config.port);

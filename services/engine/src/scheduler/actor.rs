@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, mpsc};
 use std::time::Instant;
 
+use llorch_common::telemetry;
 use tokio::sync::mpsc as tmpsc;
 
 use super::plan::prefill_plan;
@@ -48,6 +49,8 @@ struct Entry {
     phase: tracing::Span,
     /// When it was submitted.
     arrived: Instant,
+    /// Forward steps its prompt took (recorded on the `prefill` span).
+    prefill_chunks: u32,
     state: State,
 }
 
@@ -131,8 +134,13 @@ impl Entry {
         match Sequence::new(req, cache) {
             Ok(seq) => {
                 self.state = State::Prefilling { seq, started: Instant::now() };
-                let prompt_tokens = self.request().prompt.len();
-                self.phase = tracing::info_span!(parent: &self.span, "prefill", prompt_tokens);
+                let prompt_tokens = self.request().prompt.len() as i64;
+                self.phase = tracing::info_span!(
+                    parent: &self.span,
+                    "prefill",
+                    prompt_tokens,
+                    chunks = tracing::field::Empty
+                );
                 (Next::Keep(self), Some(permit))
             }
             Err((req, err)) => {
@@ -146,17 +154,23 @@ impl Entry {
     /// Takes a step's outcome: sends the token (the first moves the entry from prefill to
     /// decode), and says whether the entry goes on.
     fn advance(mut self, outcome: Outcome) -> Next {
-        let token = match outcome {
+        if matches!(self.state, State::Prefilling { .. }) {
+            self.prefill_chunks += 1;
+        }
+        let mut token = match outcome {
             Outcome::Prefilled => return Next::Keep(self),
             Outcome::Failed => return Next::Leave(self, End::Fail("inference failed")),
             Outcome::Token(token) => token,
         };
         self.state = match self.state {
             State::Prefilling { seq, started } => {
+                token.queued = Some(started.saturating_duration_since(self.arrived));
+                self.phase.record("chunks", i64::from(self.prefill_chunks));
                 self.phase = tracing::info_span!(
                     parent: &self.span,
                     "decode",
-                    generated_tokens = tracing::field::Empty
+                    generated_tokens = tracing::field::Empty,
+                    steps = tracing::field::Empty
                 );
                 State::Decoding { seq, started, first_token: Instant::now() }
             }
@@ -248,7 +262,15 @@ impl Scheduler {
                     tracing::debug!(request_id = %req.request_id, "queued");
                     let phase = tracing::info_span!(parent: &span, "queue");
                     let state = State::Waiting { req, permit };
-                    let entry = Entry { events, deadline, span, phase, arrived: at, state };
+                    let entry = Entry {
+                        events,
+                        deadline,
+                        span,
+                        phase,
+                        arrived: at,
+                        prefill_chunks: 0,
+                        state,
+                    };
                     self.entries.insert(self.arrivals, entry);
                     self.arrivals += 1;
                 }
@@ -406,6 +428,7 @@ impl Scheduler {
             }
             End::Fail(message) => {
                 tracing::error!(request_id = %e.id(), message, "request failed");
+                telemetry::error(&e.span, message);
                 let _ = e.events.try_send(Event::Error(message.into()));
             }
         }
@@ -425,7 +448,14 @@ impl Scheduler {
     fn finished(&self, e: &Entry, reason: FinishReason) -> Finished {
         let timings = e.timings(Instant::now());
         let generated = e.generated();
-        e.phase.record("generated_tokens", generated);
+        e.phase.record("generated_tokens", generated as i64);
+        if matches!(e.state, State::Decoding { .. }) {
+            // The first token came from prefill; each further one from one decode step.
+            e.phase.record("steps", generated.saturating_sub(1) as i64);
+        } else {
+            e.phase.record("chunks", i64::from(e.prefill_chunks));
+        }
+        finish_attributes(&e.span, reason, generated, &timings);
         let req = e.request();
         let finished = Finished {
             reason,
@@ -451,5 +481,30 @@ impl Scheduler {
 
     fn publish(&self) {
         self.stats.running.store(self.running(), Ordering::SeqCst);
+    }
+}
+
+/// The end of a `Generate` span: usage, finish reason and latencies after the OpenTelemetry
+/// GenAI conventions; a cancelled or timed-out stream marks the span failed.
+fn finish_attributes(span: &tracing::Span, reason: FinishReason, generated: usize, t: &Timings) {
+    if !telemetry::enabled() {
+        return;
+    }
+    telemetry::attribute(span, "gen_ai.usage.output_tokens", generated as i64);
+    let reasons = vec![opentelemetry::StringValue::from(reason.as_str().to_ascii_lowercase())];
+    let reasons = opentelemetry::Value::Array(opentelemetry::Array::String(reasons));
+    telemetry::attribute(span, "gen_ai.response.finish_reasons", reasons);
+    if generated > 0 {
+        // From admission to the first token, and per token after it, in seconds (the units of
+        // the GenAI server metrics of the same names).
+        let ttft = t.queue + t.prefill;
+        telemetry::attribute(span, "gen_ai.server.time_to_first_token", ttft.as_secs_f64());
+        if generated > 1 {
+            let tpot = t.decode.as_secs_f64() / (generated - 1) as f64;
+            telemetry::attribute(span, "gen_ai.server.time_per_output_token", tpot);
+        }
+    }
+    if matches!(reason, FinishReason::Cancelled | FinishReason::Deadline) {
+        telemetry::error(span, reason.as_str());
     }
 }
