@@ -4,149 +4,14 @@
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use llorch_common::child_log::ChildLog;
+use llorch_e2e::otlp::{Collector, Got, SpanKind, StatusCode, Value, has, names, one};
 use llorch_e2e::{SseReader, binary, default_model, wait_http_ok};
 use llorch_proto::engine::v1 as epb;
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
-use opentelemetry_proto::tonic::common::v1::any_value::Value;
-use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
-use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-
-/// One received span with its process's `service.name`.
-#[derive(Debug, Clone)]
-struct Got {
-    service: String,
-    span: opentelemetry_proto::tonic::trace::v1::Span,
-}
-
-impl Got {
-    fn name(&self) -> &str {
-        &self.span.name
-    }
-
-    fn attr(&self, key: &str) -> Option<Value> {
-        self.span
-            .attributes
-            .iter()
-            .find(|kv| kv.key == key)
-            .and_then(|kv| kv.value.clone())
-            .and_then(|v| v.value)
-    }
-
-    fn int(&self, key: &str) -> i64 {
-        match self.attr(key) {
-            Some(Value::IntValue(v)) => v,
-            other => panic!("{}: {key} is {other:?}, not an int", self.name()),
-        }
-    }
-
-    fn status(&self) -> StatusCode {
-        self.span.status.as_ref().map_or(StatusCode::Unset, |s| s.code())
-    }
-
-    fn is_child_of(&self, parent: &Got) -> bool {
-        self.span.parent_span_id == parent.span.span_id
-    }
-}
-
-/// The test's OTLP collector.
-#[derive(Clone, Default)]
-struct Collector {
-    spans: Arc<Mutex<Vec<Got>>>,
-}
-
-#[tonic::async_trait]
-impl TraceService for Collector {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let mut spans = self.spans.lock().unwrap();
-        for rs in request.into_inner().resource_spans {
-            let service = rs
-                .resource
-                .iter()
-                .flat_map(|r| &r.attributes)
-                .find(|kv| kv.key == "service.name")
-                .and_then(|kv| kv.value.clone()?.value)
-                .map(|v| match v {
-                    Value::StringValue(s) => s,
-                    other => format!("{other:?}"),
-                })
-                .unwrap_or_default();
-            for ss in rs.scope_spans {
-                spans.extend(
-                    ss.spans.into_iter().map(|span| Got { service: service.clone(), span }),
-                );
-            }
-        }
-        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
-    }
-}
-
-impl Collector {
-    /// Serves on `listener` until the test ends.
-    fn serve(listener: TcpListener) -> Self {
-        let collector = Self::default();
-        let service = TraceServiceServer::new(collector.clone());
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming(TcpListenerStream::new(listener)),
-        );
-        collector
-    }
-
-    async fn start() -> (Self, SocketAddr) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        (Self::serve(listener), addr)
-    }
-
-    fn all(&self) -> Vec<Got> {
-        self.spans.lock().unwrap().clone()
-    }
-
-    /// Waits (10 s) until `done` holds for the spans received so far; returns them.
-    async fn wait_until(&self, what: &str, done: impl Fn(&[Got]) -> bool) -> Vec<Got> {
-        let until = Instant::now() + Duration::from_secs(10);
-        loop {
-            let spans = self.all();
-            if done(&spans) {
-                return spans;
-            }
-            assert!(Instant::now() < until, "no {what} after 10 s; got {:#?}", names(&spans));
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-fn names(spans: &[Got]) -> Vec<(String, String)> {
-    spans.iter().map(|g| (g.service.clone(), g.name().to_owned())).collect()
-}
-
-/// The one span of `service` named `name` in `spans`.
-fn one<'a>(spans: &'a [Got], service: &str, name: &str) -> &'a Got {
-    let found: Vec<&Got> =
-        spans.iter().filter(|g| g.service == service && g.name() == name).collect();
-    assert_eq!(found.len(), 1, "{service} {name}: {:#?}", names(spans));
-    found[0]
-}
-
-fn has(spans: &[Got], service: &str, name: &str) -> bool {
-    spans.iter().any(|g| g.service == service && g.name() == name)
-}
 
 /// A binary as a child process, killed on drop.
 struct Proc {
@@ -303,6 +168,7 @@ async fn one_execute_is_one_trace_across_the_three_services() {
                       "temperature": 0, "top_p": 0.9, "top_k": 40, "seed": 7});
     let end = execute(&stack, body, Some(&traceparent)).await;
     let spans = execute_trace(&collector, Some(TRACE_ID)).await;
+    eprintln!("{}", llorch_e2e::otlp::tree(&spans));
     let services: std::collections::BTreeSet<&str> =
         spans.iter().map(|g| g.service.as_str()).collect();
     assert_eq!(services.into_iter().collect::<Vec<_>>(), [ENGINE, GATEWAY, TOKENIZER]);
