@@ -191,6 +191,7 @@ fn engine_request(request: &ValidExecute, prompt_ids: Vec<u32>) -> epb::Generate
             min_p: request.min_p,
             repetition_penalty: Some(request.repetition_penalty),
             seed: Some(request.seed),
+            ..Default::default()
         }),
         stopping: Some(epb::StoppingCriteria {
             max_new_tokens: request.max_tokens,
