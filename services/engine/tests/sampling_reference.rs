@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use common::root;
 use llorch_engine::npy;
 use llorch_engine::sampling::{History, Sampler, SamplingParams};
+use llorch_engine::scheduler::{self, Event, Job, SchedulerConfig};
 use llorch_engine::sequence::{DEFAULT_PREFILL_CHUNK, FinishReason};
 use llorch_engine::{Gpt2, ModelConfig, generate, validate};
 use llorch_proto::engine::v1 as pb;
@@ -168,6 +169,29 @@ fn presence_and_frequency_over_the_prompt_too_would_not_match_openai() {
     }
 }
 
+/// The `Generate` request of a greedy reference case.
+fn greedy_request(g: &Greedy) -> pb::GenerateRequest {
+    let p = &g.params;
+    pb::GenerateRequest {
+        request_id: g.name.clone(),
+        prompt_ids: g.prompt_ids.clone(),
+        sampling: Some(pb::SamplingParams {
+            temperature: Some(0.0),
+            repetition_penalty: p.repetition_penalty,
+            presence_penalty: p.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: p.frequency_penalty.unwrap_or(0.0),
+            logit_bias: logit_bias(p),
+            ..Default::default()
+        }),
+        stopping: Some(pb::StoppingCriteria {
+            max_new_tokens: g.max_new_tokens,
+            stop_token_ids: g.stop_token_ids.clone(),
+            ignore_eos: g.ignore_eos,
+        }),
+        ..Default::default()
+    }
+}
+
 #[test]
 fn greedy_continuations_match_hugging_face_generate() {
     let f = fixture();
@@ -178,25 +202,7 @@ fn greedy_continuations_match_hugging_face_generate() {
     }
     for g in &f.greedy {
         assert!(g.min_margin >= 1e-3, "{}: near-tie in the reference", g.name);
-        let p = &g.params;
-        let request = pb::GenerateRequest {
-            request_id: g.name.clone(),
-            prompt_ids: g.prompt_ids.clone(),
-            sampling: Some(pb::SamplingParams {
-                temperature: Some(0.0),
-                repetition_penalty: p.repetition_penalty,
-                presence_penalty: p.presence_penalty.unwrap_or(0.0),
-                frequency_penalty: p.frequency_penalty.unwrap_or(0.0),
-                logit_bias: logit_bias(p),
-                ..Default::default()
-            }),
-            stopping: Some(pb::StoppingCriteria {
-                max_new_tokens: g.max_new_tokens,
-                stop_token_ids: g.stop_token_ids.clone(),
-                ignore_eos: g.ignore_eos,
-            }),
-            ..Default::default()
-        };
+        let request = greedy_request(g);
         let valid = validate(request, model.config(), 2048).unwrap();
         assert_eq!(valid.stopping.eos_token_id, f.eos_token_id);
         let out = generate(&model, valid, DEFAULT_PREFILL_CHUNK, |_| {}).unwrap();
@@ -220,4 +226,73 @@ fn ignore_eos_streams_the_eos_token_and_goes_on() {
     let stop = by_name("stop_token_ids");
     assert_eq!(stop.finish, FinishReason::StopToken.as_str());
     assert_eq!(stop.ids.last(), Some(&stop.stop_token_ids[0]), "the stop id is sent");
+}
+
+/// Runs every request in one scheduler batch; returns each stream's ids and finish reason.
+fn batched(requests: Vec<pb::GenerateRequest>) -> Vec<(Vec<u32>, FinishReason)> {
+    let model = std::sync::Arc::new(Gpt2::load(&root().join("models/default")).unwrap());
+    let cfg = *model.config();
+    let config = SchedulerConfig { max_batch: requests.len(), max_queue: 64, prefill_chunk: 256 };
+    let (handle, thread) = scheduler::spawn(model, config).unwrap();
+    let mut rxs = Vec::new();
+    for request in requests {
+        let req = validate(request, &cfg, 2048).unwrap();
+        let capacity = scheduler::event_capacity(req.stopping.max_new_tokens);
+        let (events, rx) = tokio::sync::mpsc::channel(capacity);
+        handle.submit(Job { req, events, deadline: None, span: tracing::Span::none() }).unwrap();
+        rxs.push(rx);
+    }
+    let out = rxs
+        .into_iter()
+        .map(|mut rx| {
+            let mut ids = Vec::new();
+            loop {
+                match rx.blocking_recv() {
+                    Some(Event::Token(t)) => ids.push(t.token.id),
+                    Some(Event::Finished(f)) => return (ids, f.reason),
+                    other => panic!("{other:?}"),
+                }
+            }
+        })
+        .collect();
+    handle.stop();
+    thread.join().unwrap();
+    out
+}
+
+#[test]
+fn the_reference_continuations_hold_when_batched_together() {
+    let f = fixture();
+    let got = batched(f.greedy.iter().map(greedy_request).collect());
+    for (g, (ids, finish)) in f.greedy.iter().zip(got) {
+        assert_eq!(ids, g.ids, "{}", g.name);
+        assert_eq!(finish.as_str(), g.finish, "{}", g.name);
+    }
+}
+
+#[test]
+fn sampling_with_every_parameter_is_the_same_alone_and_batched() {
+    let f = fixture();
+    let all = &f.processors.cases.iter().find(|c| c.name == "all").unwrap().params;
+    let request = |seed: u64| {
+        let mut r = greedy_request(&f.greedy[0]);
+        r.request_id = format!("s{seed}");
+        let s = r.sampling.as_mut().unwrap();
+        s.temperature = all.temperature;
+        s.top_k = all.top_k.unwrap_or(0);
+        s.top_p = all.top_p;
+        s.min_p = all.min_p.unwrap_or(0.0);
+        s.repetition_penalty = all.repetition_penalty;
+        s.presence_penalty = all.presence_penalty.unwrap_or(0.0);
+        s.frequency_penalty = all.frequency_penalty.unwrap_or(0.0);
+        s.logit_bias = logit_bias(all);
+        s.seed = Some(seed);
+        r
+    };
+    let seeds = [1u64, 2, 3, 4, 5];
+    let together = batched(seeds.iter().map(|&s| request(s)).collect());
+    for (&seed, got) in seeds.iter().zip(&together) {
+        assert_eq!(&batched(vec![request(seed)])[0], got, "seed {seed}");
+    }
+    assert!(together.windows(2).any(|w| w[0] != w[1]), "the seeds do not reach the sampler");
 }
