@@ -29,7 +29,7 @@ use crate::metrics::Outcome;
 use crate::state::{AppState, JobGuard};
 use crate::stop::{Released, StopMatcher};
 use crate::upstream::CallContext;
-use crate::validate::{ValidExecute, ValidGenerate, ValidationErrors};
+use crate::validate::{ModelLimits, ValidExecute, ValidGenerate, ValidationErrors};
 
 /// Events buffered per job before it waits for the client.
 const EVENT_BUFFER: usize = 64;
@@ -229,7 +229,8 @@ async fn open(
     let facts = app.facts().await?;
     telemetry::attribute(&span, "gen_ai.request.model", facts.model.clone());
     telemetry::attribute(&span, "gen_ai.usage.input_tokens", prompt_ids.len() as i64);
-    let ValidGenerate { request, prompt_ids } = request.check_context(prompt_ids, facts.n_ctx)?;
+    let limits = ModelLimits { n_ctx: facts.n_ctx, max_new_tokens: facts.max_new_tokens_limit };
+    let ValidGenerate { request, prompt_ids } = request.check_context(prompt_ids, limits)?;
 
     // The detokenizer stream first: if the tokenizer is down, nothing has started yet.
     let detokenizer = Detokenizer::open(&mut tokenizer, &ctx).await?;
@@ -278,6 +279,7 @@ async fn open(
 
 /// The engine's `Generate` request for `request` with the tokenized prompt.
 fn engine_request(request: &ValidExecute, prompt_ids: Vec<u32>) -> epb::GenerateRequest {
+    let engine = &request.engine;
     epb::GenerateRequest {
         request_id: request.job_id.clone(),
         prompt_ids,
@@ -288,11 +290,14 @@ fn engine_request(request: &ValidExecute, prompt_ids: Vec<u32>) -> epb::Generate
             min_p: request.min_p,
             repetition_penalty: Some(request.repetition_penalty),
             seed: Some(request.seed),
+            presence_penalty: engine.presence_penalty,
+            frequency_penalty: engine.frequency_penalty,
+            logit_bias: engine.logit_bias.iter().map(|(&id, &bias)| (id, bias)).collect(),
         }),
         stopping: Some(epb::StoppingCriteria {
             max_new_tokens: request.max_tokens,
-            stop_token_ids: vec![],
-            ignore_eos: false,
+            stop_token_ids: engine.stop_token_ids.clone(),
+            ignore_eos: engine.ignore_eos,
         }),
         logprobs: false,
         top_logprobs: 0,

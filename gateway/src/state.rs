@@ -19,6 +19,8 @@ pub struct ModelFacts {
     pub model: String,
     /// Context length.
     pub n_ctx: u32,
+    /// The engine's largest `max_new_tokens`.
+    pub max_new_tokens_limit: u32,
     /// Vocabulary size.
     pub vocab_size: u32,
     /// Bytes of weights the engine holds.
@@ -117,6 +119,7 @@ impl AppState {
         let facts = ModelFacts {
             model: self.config.model.clone().unwrap_or(eng.model),
             n_ctx: eng.n_ctx,
+            max_new_tokens_limit: eng.max_new_tokens_limit,
             vocab_size: eng.vocab_size,
             weight_bytes: eng.weight_bytes,
         };

@@ -1,7 +1,10 @@
 //! Validation of `/execute` bodies, collecting every error in the llama-orch worker's shape:
 //! `{"errors":[{"field","constraint","message","value"}]}`. Two stages: the fields
 //! ([`ExecuteRequest::validate`] into [`ValidExecute`]), then, once the prompt is tokenized, the
-//! context length ([`ValidExecute::check_context`] into [`ValidGenerate`]).
+//! model's limits ([`ValidExecute::check_context`] into [`ValidGenerate`]): the engine's largest
+//! `max_new_tokens` and the context length, both from the engine's `Info`.
+
+use std::collections::BTreeMap;
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -9,8 +12,13 @@ use serde::{Deserialize, Serialize};
 
 /// Longest prompt, in Unicode scalar values.
 pub const MAX_PROMPT_CHARS: usize = 32_768;
-/// Largest `max_tokens`.
+/// Largest `max_tokens` the worker API accepts; the model's limits (checked after tokenizing)
+/// may be lower.
 pub const MAX_TOKENS: i64 = 2048;
+/// Largest `|presence_penalty|` and `|frequency_penalty|` (OpenAI's range).
+pub const MAX_PENALTY: f64 = 2.0;
+/// Largest `|logit_bias|` value (OpenAI's range).
+pub const MAX_LOGIT_BIAS: f64 = 100.0;
 /// Most stop strings.
 pub const MAX_STOP: usize = 4;
 /// Longest stop string, in bytes.
@@ -66,9 +74,83 @@ pub struct ValidExecute {
     pub min_p: f32,
     /// At most 4, each 1..=100 bytes.
     pub stop: Vec<String>,
+    /// Engine options the worker API does not expose (its fields are fixed); off for
+    /// `/execute`. Routes that offer them (OpenAI's) fill them in after
+    /// [`EngineOptions::errors`] found nothing wrong.
+    pub engine: EngineOptions,
 }
 
-/// A request that also fits the model's context: prompt tokens + `max_tokens` ≤ `n_ctx`.
+/// Sampling and stopping options of the engine's `Generate` beyond the worker API's fields.
+/// The default is off: no penalty, no bias, stop at end-of-text, no stop ids.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct EngineOptions {
+    /// OpenAI presence penalty over the generated tokens, -2.0..=2.0.
+    pub presence_penalty: f32,
+    /// OpenAI frequency penalty over the generated tokens, -2.0..=2.0.
+    pub frequency_penalty: f32,
+    /// Token id → bias added to its logit, -100.0..=100.0; ids below the vocabulary size.
+    pub logit_bias: BTreeMap<u32, f32>,
+    /// Keep generating past the end-of-text token.
+    pub ignore_eos: bool,
+    /// Ids that end generation once generated (the id is part of the output).
+    pub stop_token_ids: Vec<u32>,
+}
+
+impl EngineOptions {
+    /// Everything wrong with these options for a vocabulary of `vocab_size` ids, in field
+    /// order (empty when they are fine); fields named as OpenAI names them.
+    pub fn errors(&self, vocab_size: u32) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        let (lo, hi) = (-MAX_PENALTY, MAX_PENALTY);
+        for (field, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            check_float(&mut errors, field, Some(f64::from(v)), 0.0, lo, hi);
+        }
+        for (&id, &bias) in &self.logit_bias {
+            if id >= vocab_size {
+                errors.push(FieldError {
+                    field: "logit_bias".into(),
+                    constraint: format!("token_id(0..{vocab_size})"),
+                    message: format!(
+                        "logit_bias token {id} is not below the vocabulary size {vocab_size}"
+                    ),
+                    value: Some(id.to_string()),
+                });
+            }
+            let bias = f64::from(bias);
+            if !(-MAX_LOGIT_BIAS..=MAX_LOGIT_BIAS).contains(&bias) {
+                let mut e = range_error("logit_bias", bias, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS);
+                e.message = format!("logit_bias of token {id}: {}", e.message);
+                errors.push(e);
+            }
+        }
+        if let Some(id) = self.stop_token_ids.iter().find(|&&id| id >= vocab_size) {
+            errors.push(FieldError {
+                field: "stop_token_ids".into(),
+                constraint: format!("token_id(0..{vocab_size})"),
+                message: format!(
+                    "stop_token_ids: {id} is not below the vocabulary size {vocab_size}"
+                ),
+                value: Some(id.to_string()),
+            });
+        }
+        errors
+    }
+}
+
+/// The model's limits on `max_tokens`, from the engine's `Info`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelLimits {
+    /// Context length: prompt tokens + `max_tokens` must not exceed it.
+    pub n_ctx: u32,
+    /// The engine's largest `max_new_tokens` (its `--max-new-tokens-limit`).
+    pub max_new_tokens: u32,
+}
+
+/// A request that also fits the model: `max_tokens` ≤ the engine's limit and prompt tokens +
+/// `max_tokens` ≤ `n_ctx`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidGenerate {
     /// The checked fields.
@@ -105,13 +187,25 @@ impl IntoResponse for ValidationErrors {
     }
 }
 
-fn range_error(field: &str, value: f64, lo: f64, hi: f64, constraint: &str) -> FieldError {
+/// `field` outside `lo..=hi` (floats; the limits printed with one decimal, as in the
+/// constraint `range(0.0..=2.0)`).
+fn range_error(field: &str, value: f64, lo: f64, hi: f64) -> FieldError {
     let (bound, limit) = if value < lo { ("least", lo) } else { ("most", hi) };
-    let shown = if constraint.contains('.') { format!("{limit:.1}") } else { format!("{limit}") };
     FieldError {
         field: field.into(),
-        constraint: constraint.into(),
-        message: format!("{field} must be at {bound} {shown} (got {value})"),
+        constraint: format!("range({lo:.1}..={hi:.1})"),
+        message: format!("{field} must be at {bound} {limit:.1} (got {value})"),
+        value: Some(value.to_string()),
+    }
+}
+
+/// Integer `field` outside `lo..=hi`: every number printed as the integer it is.
+fn int_range_error(field: &str, value: i64, lo: i64, hi: i64, why: &str) -> FieldError {
+    let (bound, limit) = if value < lo { ("least", lo) } else { ("most", hi) };
+    FieldError {
+        field: field.into(),
+        constraint: format!("range({lo}..={hi})"),
+        message: format!("{field} must be at {bound} {limit}{why} (got {value})"),
         value: Some(value.to_string()),
     }
 }
@@ -126,7 +220,7 @@ fn check_float(
 ) -> f32 {
     let v = value.unwrap_or(default);
     if !(lo..=hi).contains(&v) {
-        errors.push(range_error(field, v, lo, hi, &format!("range({lo:.1}..={hi:.1})")));
+        errors.push(range_error(field, v, lo, hi));
     }
     v as f32
 }
@@ -155,13 +249,7 @@ impl ExecuteRequest {
             });
         }
         if !(1..=MAX_TOKENS).contains(&self.max_tokens) {
-            errors.push(range_error(
-                "max_tokens",
-                self.max_tokens as f64,
-                1.0,
-                MAX_TOKENS as f64,
-                &format!("range(1..={MAX_TOKENS})"),
-            ));
+            errors.push(int_range_error("max_tokens", self.max_tokens, 1, MAX_TOKENS, ""));
         }
         let temperature = check_float(&mut errors, "temperature", self.temperature, 1.0, 0.0, 2.0);
         let top_p = check_float(&mut errors, "top_p", self.top_p, 1.0, 0.0, 1.0);
@@ -213,31 +301,41 @@ impl ExecuteRequest {
             repetition_penalty,
             min_p,
             stop: self.stop,
+            engine: EngineOptions::default(),
         })
     }
 }
 
 impl ValidExecute {
-    /// The second stage, after tokenizing: the prompt's `prompt_ids` plus `max_tokens` must fit
-    /// the model's context of `n_ctx` tokens.
+    /// The second stage, after tokenizing: `max_tokens` must not exceed the engine's limit, and
+    /// the prompt's `prompt_ids` plus `max_tokens` must fit the model's context. Both failures
+    /// are reported together, each naming the numbers involved.
     pub fn check_context(
         self,
         prompt_ids: Vec<u32>,
-        n_ctx: u32,
+        limits: ModelLimits,
     ) -> Result<ValidGenerate, ValidationErrors> {
         let (prompt_tokens, max_tokens) = (prompt_ids.len(), self.max_tokens);
+        let n_ctx = limits.n_ctx;
+        let mut errors = Vec::new();
+        if max_tokens > limits.max_new_tokens {
+            let why = ", the engine's limit for this model";
+            let max = i64::from(limits.max_new_tokens);
+            errors.push(int_range_error("max_tokens", i64::from(max_tokens), 1, max, why));
+        }
         if prompt_tokens + max_tokens as usize > n_ctx as usize {
-            return Err(ValidationErrors {
-                errors: vec![FieldError {
-                    field: "max_tokens".into(),
-                    constraint: format!("context_length({n_ctx})"),
-                    message: format!(
-                        "prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) = {} exceeds the model's context length of {n_ctx} tokens",
-                        prompt_tokens + max_tokens as usize
-                    ),
-                    value: Some(max_tokens.to_string()),
-                }],
+            errors.push(FieldError {
+                field: "max_tokens".into(),
+                constraint: format!("context_length({n_ctx})"),
+                message: format!(
+                    "prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) = {} exceeds the model's context length of {n_ctx} tokens",
+                    prompt_tokens + max_tokens as usize
+                ),
+                value: Some(max_tokens.to_string()),
             });
+        }
+        if !errors.is_empty() {
+            return Err(ValidationErrors { errors });
         }
         Ok(ValidGenerate { request: self, prompt_ids })
     }
@@ -246,6 +344,9 @@ impl ValidExecute {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// GPT-2's context with the engine's default `--max-new-tokens-limit`.
+    const GPT2: ModelLimits = ModelLimits { n_ctx: 1024, max_new_tokens: 2048 };
 
     fn base() -> serde_json::Value {
         serde_json::json!({"job_id": "j", "prompt": "Hello", "max_tokens": 5})
@@ -320,8 +421,8 @@ mod tests {
         let mut v = base();
         v["max_tokens"] = serde_json::json!(1022);
         let valid = validate(v).unwrap();
-        assert!(valid.clone().check_context(vec![1, 2], 1024).is_ok());
-        let e = valid.check_context(vec![1, 2, 3], 1024).unwrap_err();
+        assert!(valid.clone().check_context(vec![1, 2], GPT2).is_ok());
+        let e = valid.check_context(vec![1, 2, 3], GPT2).unwrap_err();
         assert_eq!(
             serde_json::to_value(&e).unwrap(),
             serde_json::json!({"errors":[{"field":"max_tokens","constraint":"context_length(1024)","message":"prompt (3 tokens) + max_tokens (1022) = 1025 exceeds the model's context length of 1024 tokens","value":"1022"}]})
@@ -332,5 +433,115 @@ mod tests {
     fn edges_are_inclusive() {
         let v = serde_json::json!({"job_id": "j", "prompt": "x", "max_tokens": 2048, "temperature": 2.0, "top_p": 0.0, "min_p": 1.0, "repetition_penalty": 0.0, "stop": ["a", "b", "c", "x".repeat(100)]});
         assert!(validate(v).is_ok());
+    }
+
+    #[test]
+    fn integer_limits_are_printed_as_integers() {
+        for (max_tokens, want) in [
+            (3000_i64, "max_tokens must be at most 2048 (got 3000)"),
+            (0, "max_tokens must be at least 1 (got 0)"),
+            // Beyond 2^53 an f64 would round the value shown.
+            (9_007_199_254_740_993, "max_tokens must be at most 2048 (got 9007199254740993)"),
+        ] {
+            let mut v = base();
+            v["max_tokens"] = serde_json::json!(max_tokens);
+            let e = &validate(v).unwrap_err().errors[0];
+            assert_eq!(e.message, want);
+            assert_eq!(e.constraint, "range(1..=2048)");
+            assert_eq!(e.value.as_deref(), Some(max_tokens.to_string().as_str()));
+        }
+        let mut v = base();
+        v["top_p"] = serde_json::json!(1.5);
+        assert_eq!(
+            validate(v).unwrap_err().errors[0].message,
+            "top_p must be at most 1.0 (got 1.5)"
+        );
+    }
+
+    #[test]
+    fn max_tokens_follows_the_model_not_only_the_worker_api() {
+        let mut v = base();
+        v["max_tokens"] = serde_json::json!(2000);
+        let valid = validate(v).unwrap();
+        // GPT-2's 1024-token context: refused with both numbers, after tokenizing.
+        let e = valid.clone().check_context(vec![15496, 13], GPT2).unwrap_err();
+        assert_eq!(
+            serde_json::to_value(&e).unwrap(),
+            serde_json::json!({"errors":[{"field":"max_tokens","constraint":"context_length(1024)","message":"prompt (2 tokens) + max_tokens (2000) = 2002 exceeds the model's context length of 1024 tokens","value":"2000"}]})
+        );
+        // An engine started with a lower --max-new-tokens-limit and a longer context.
+        let long = ModelLimits { n_ctx: 4096, max_new_tokens: 256 };
+        let e = valid.clone().check_context(vec![1, 2], long).unwrap_err();
+        assert_eq!(
+            serde_json::to_value(&e).unwrap(),
+            serde_json::json!({"errors":[{"field":"max_tokens","constraint":"range(1..=256)","message":"max_tokens must be at most 256, the engine's limit for this model (got 2000)","value":"2000"}]})
+        );
+        // Both at once.
+        let small = ModelLimits { n_ctx: 64, max_new_tokens: 256 };
+        let e = valid.clone().check_context(vec![1, 2], small).unwrap_err();
+        let constraints: Vec<&str> = e.errors.iter().map(|e| e.constraint.as_str()).collect();
+        assert_eq!(constraints, ["range(1..=256)", "context_length(64)"]);
+        assert!(
+            valid
+                .check_context(vec![1, 2], ModelLimits { n_ctx: 4096, max_new_tokens: 2048 })
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn execute_leaves_the_engine_options_off() {
+        assert_eq!(validate(base()).unwrap().engine, EngineOptions::default());
+        let v = serde_json::json!({"job_id": "j", "prompt": "x", "max_tokens": 1, "presence_penalty": 1.0, "logit_bias": {"5": 3}, "ignore_eos": true});
+        assert_eq!(validate(v).unwrap().engine, EngineOptions::default(), "not part of /execute");
+    }
+
+    #[test]
+    fn engine_option_errors_name_the_field_and_the_limit() {
+        assert!(EngineOptions::default().errors(50257).is_empty());
+        let ok = EngineOptions {
+            presence_penalty: -2.0,
+            frequency_penalty: 2.0,
+            logit_bias: [(0, -100.0), (50256, 100.0)].into(),
+            ignore_eos: true,
+            stop_token_ids: vec![50256],
+        };
+        assert!(ok.errors(50257).is_empty());
+        let bad = EngineOptions {
+            presence_penalty: 2.5,
+            frequency_penalty: -3.0,
+            logit_bias: [(7, 150.0), (50257, 1.0)].into(),
+            ignore_eos: false,
+            stop_token_ids: vec![1, 60000],
+        };
+        let got: Vec<(String, String, String)> =
+            bad.errors(50257).into_iter().map(|e| (e.field, e.constraint, e.message)).collect();
+        let want = [
+            (
+                "presence_penalty",
+                "range(-2.0..=2.0)",
+                "presence_penalty must be at most 2.0 (got 2.5)",
+            ),
+            (
+                "frequency_penalty",
+                "range(-2.0..=2.0)",
+                "frequency_penalty must be at least -2.0 (got -3)",
+            ),
+            (
+                "logit_bias",
+                "range(-100.0..=100.0)",
+                "logit_bias of token 7: logit_bias must be at most 100.0 (got 150)",
+            ),
+            (
+                "logit_bias",
+                "token_id(0..50257)",
+                "logit_bias token 50257 is not below the vocabulary size 50257",
+            ),
+            (
+                "stop_token_ids",
+                "token_id(0..50257)",
+                "stop_token_ids: 60000 is not below the vocabulary size 50257",
+            ),
+        ];
+        assert_eq!(got, want.map(|(a, b, c)| (a.to_owned(), b.to_owned(), c.to_owned())));
     }
 }

@@ -185,6 +185,28 @@ async fn every_validation_rule_alone_and_together() {
     stack.stop().await.unwrap();
 }
 
+/// max_tokens limits come from the engine (its `--max-new-tokens-limit` and the model's n_ctx)
+/// and are printed as the integers they are.
+#[tokio::test]
+async fn max_tokens_limits_follow_the_engine_and_print_as_integers() {
+    let stack = Stack::start(|e| e.max_new_tokens_limit = 16, |_| {}).await.unwrap();
+    let body =
+        |max_tokens: u64| json!({"job_id": "m", "prompt": "Hello.", "max_tokens": max_tokens});
+    let resp = execute(&stack, body(20)).await;
+    assert_eq!(resp.status(), 400);
+    assert_eq!(
+        resp.json::<Value>().await.unwrap(),
+        json!({"errors":[{"field":"max_tokens","constraint":"range(1..=16)","message":"max_tokens must be at most 16, the engine's limit for this model (got 20)","value":"20"}]})
+    );
+    let resp = execute(&stack, body(2049)).await;
+    let e: Value = resp.json().await.unwrap();
+    assert_eq!(e["errors"][0]["message"], "max_tokens must be at most 2048 (got 2049)", "{e}");
+    // Within the engine's limit the job runs.
+    let end = events(&stack, body(16)).await;
+    assert_eq!(end.last().unwrap().data["type"], "end", "{end:?}");
+    stack.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn context_overflow_and_malformed_bodies_get_json_errors() {
     let stack = stack().await;

@@ -238,6 +238,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
             min_p: a.min_p,
             repetition_penalty: Some(a.repetition_penalty),
             seed: a.seed,
+            ..Default::default()
         }),
         stopping: Some(pb::StoppingCriteria {
             max_new_tokens: a.max_new_tokens,

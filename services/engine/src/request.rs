@@ -2,6 +2,7 @@
 //! optional left, or an `INVALID_ARGUMENT` error naming the field and the limit. Only
 //! `ValidRequest` reaches the scheduler.
 
+use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 
 use llorch_proto::engine::v1::GenerateRequest;
@@ -14,6 +15,8 @@ use crate::sampling::SamplingParams;
 pub const MAX_TOP_LOGPROBS: u32 = 5;
 /// Longest `request_id`, in bytes.
 pub const MAX_REQUEST_ID_BYTES: usize = 256;
+/// Largest `logit_bias` magnitude (OpenAI's limit).
+pub const MAX_LOGIT_BIAS: f32 = 100.0;
 /// Most `stop_token_ids`.
 pub const MAX_STOP_TOKEN_IDS: usize = 1024;
 
@@ -111,6 +114,9 @@ pub fn validate(
     let min_p = in_range("sampling.min_p", s.min_p, 0.0, 1.0)?;
     let repetition_penalty =
         in_range("sampling.repetition_penalty", s.repetition_penalty.unwrap_or(1.0), 0.0, 2.0)?;
+    let presence_penalty = in_range("sampling.presence_penalty", s.presence_penalty, -2.0, 2.0)?;
+    let frequency_penalty = in_range("sampling.frequency_penalty", s.frequency_penalty, -2.0, 2.0)?;
+    let logit_bias = logit_bias(s.logit_bias, vocab)?;
     if top_logprobs > MAX_TOP_LOGPROBS {
         return Err(EngineError::invalid(
             "top_logprobs",
@@ -126,6 +132,9 @@ pub fn validate(
             top_p,
             min_p,
             repetition_penalty,
+            presence_penalty,
+            frequency_penalty,
+            logit_bias,
             seed: s.seed.unwrap_or_else(random_u64),
         },
         stopping: Stopping {
@@ -137,6 +146,28 @@ pub fn validate(
         logprobs,
         top_logprobs: top_logprobs as usize,
     })
+}
+
+/// `logit_bias` as `(id, bias)` sorted by id: every id below `vocab`, every bias in
+/// -100.0..=100.0 (OpenAI's range).
+fn logit_bias(map: HashMap<u32, f32>, vocab: usize) -> Result<Vec<(u32, f32)>, EngineError> {
+    let mut bias: Vec<(u32, f32)> = map.into_iter().collect();
+    bias.sort_unstable_by_key(|&(id, _)| id);
+    for &(id, b) in &bias {
+        if id as usize >= vocab {
+            return Err(EngineError::invalid(
+                "sampling.logit_bias",
+                format!("token id {id} is not below vocab_size {vocab}"),
+            ));
+        }
+        if b.is_nan() || !(-MAX_LOGIT_BIAS..=MAX_LOGIT_BIAS).contains(&b) {
+            return Err(EngineError::invalid(
+                "sampling.logit_bias",
+                format!("the bias of token {id} must be in -100.0..=100.0 (got {b})"),
+            ));
+        }
+    }
+    Ok(bias)
 }
 
 fn in_range(field: &'static str, v: f32, lo: f32, hi: f32) -> Result<f32, EngineError> {
@@ -221,6 +252,30 @@ mod tests {
             "sampling.repetition_penalty"
         );
         assert_eq!(
+            field_of(sampling(PbSampling { presence_penalty: -2.5, ..Default::default() })),
+            "sampling.presence_penalty"
+        );
+        assert_eq!(
+            field_of(sampling(PbSampling { frequency_penalty: f32::NAN, ..Default::default() })),
+            "sampling.frequency_penalty"
+        );
+        let bias =
+            |id: u32, b: f32| PbSampling { logit_bias: [(id, b)].into(), ..Default::default() };
+        assert_eq!(field_of(sampling(bias(50257, 1.0))), "sampling.logit_bias");
+        assert_eq!(field_of(sampling(bias(5, 100.5))), "sampling.logit_bias");
+        assert_eq!(field_of(sampling(bias(5, f32::NAN))), "sampling.logit_bias");
+        assert_eq!(
+            field_of(GenerateRequest {
+                stopping: Some(StoppingCriteria {
+                    max_new_tokens: 1,
+                    stop_token_ids: vec![50257],
+                    ignore_eos: false
+                }),
+                ..req(vec![1], 1)
+            }),
+            "stopping.stop_token_ids"
+        );
+        assert_eq!(
             field_of(GenerateRequest { top_logprobs: 6, ..req(vec![1], 1) }),
             "top_logprobs"
         );
@@ -228,6 +283,32 @@ mod tests {
             field_of(GenerateRequest { request_id: "x".repeat(300), ..req(vec![1], 1) }),
             "request_id"
         );
+    }
+
+    #[test]
+    fn the_openai_penalties_and_logit_bias_are_carried_over_at_their_edges() {
+        let s = PbSampling {
+            presence_penalty: -2.0,
+            frequency_penalty: 2.0,
+            logit_bias: [(50256, -100.0), (7, 100.0), (3, 0.5)].into(),
+            ..Default::default()
+        };
+        let v = validate(GenerateRequest { sampling: Some(s), ..req(vec![1], 1) }, &cfg(), 2048)
+            .unwrap();
+        assert_eq!((v.sampling.presence_penalty, v.sampling.frequency_penalty), (-2.0, 2.0));
+        assert_eq!(v.sampling.logit_bias, [(3, 0.5), (7, 100.0), (50256, -100.0)], "sorted by id");
+        let off = validate(req(vec![1], 1), &cfg(), 2048).unwrap().sampling;
+        assert_eq!((off.presence_penalty, off.frequency_penalty), (0.0, 0.0));
+        assert!(off.logit_bias.is_empty());
+    }
+
+    #[test]
+    fn logit_bias_errors_name_the_token() {
+        let s = PbSampling { logit_bias: [(9, -101.0)].into(), ..Default::default() };
+        let err = validate(GenerateRequest { sampling: Some(s), ..req(vec![1], 1) }, &cfg(), 2048)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("the bias of token 9 must be in -100.0..=100.0 (got -101)"), "{err}");
     }
 
     #[test]

@@ -1,6 +1,21 @@
-//! Choosing the next token: greedy, temperature, repetition penalty, top-k, top-p, min-p, in
-//! that order (WORKER_API.md), with a per-request seeded RNG; plus the log-probabilities of the
-//! raw model distribution.
+//! Choosing the next token, with a per-request seeded RNG, plus the log-probabilities of the
+//! raw model distribution. The pipeline runs in the order vLLM and Hugging Face
+//! `transformers` use (each step's HF counterpart in brackets; the reference tests in
+//! `tests/sampling_reference.rs` compare every step with it):
+//!
+//! 1. `logit_bias`: `logits[id] += bias` (`SequenceBiasLogitsProcessor` with one-token
+//!    sequences; OpenAI's and vLLM's `logit_bias`);
+//! 2. repetition penalty over every id of the prompt and the output so far
+//!    (`RepetitionPenaltyLogitsProcessor`);
+//! 3. frequency, then presence penalty over the output so far only, OpenAI's formula
+//!    `logits[j] -= c[j]·frequency + (c[j] > 0)·presence` (vLLM's order and token set);
+//! 4. temperature (`TemperatureLogitsWarper`);
+//! 5. top-k, 6. top-p, 7. min-p (`TopKLogitsWarper`, `TopPLogitsWarper`, `MinPLogitsWarper`,
+//!    in `generate`'s order);
+//! 8. argmax (greedy: steps 4–7 never change the argmax, so they are skipped) or a seeded draw.
+//!
+//! Steps 2 and 4 commute in real arithmetic, so this is also WORKER_API.md's order
+//! "temperature, repetition penalty, top-k, top-p, min-p".
 
 use std::cmp::Ordering;
 
@@ -13,32 +28,43 @@ pub const GREEDY_BELOW: f32 = 1e-6;
 /// lowest id) whatever the seed:
 ///
 /// ```
-/// use llorch_engine::sampling::{Sampler, SamplingParams};
+/// use llorch_engine::sampling::{History, Sampler, SamplingParams};
 ///
-/// let logits = [1.0_f32, 3.0, 3.0, 0.5];
+/// let logits = [1.0_f32, 3.0, 2.5, 0.5];
+/// let none = History::default();
 /// let mut greedy = Sampler::new(SamplingParams::greedy());
-/// assert_eq!(greedy.sample(&logits, &[], false, 0).id, 1);
+/// assert_eq!(greedy.sample(&logits, none, false, 0).id, 1);
 ///
 /// // top_k = 1 keeps only the most likely token, so even temperature 2.0 cannot leave it.
 /// let top1 = SamplingParams { temperature: 2.0, top_k: 1, seed: 7, ..SamplingParams::greedy() };
 /// assert!(!top1.is_greedy());
-/// assert_eq!(Sampler::new(top1).sample(&logits, &[], false, 0).id, 1);
+/// assert_eq!(Sampler::new(top1).sample(&logits, none, false, 0).id, 1);
+///
+/// // logit_bias is added before everything else, so it moves greedy choices too.
+/// let biased = SamplingParams { logit_bias: vec![(3, 3.0)], ..SamplingParams::greedy() };
+/// assert_eq!(Sampler::new(biased).sample(&logits, none, false, 0).id, 3);
+///
+/// // Presence and frequency penalties count only generated tokens, not the prompt.
+/// let pres = SamplingParams { presence_penalty: 1.0, ..SamplingParams::greedy() };
+/// let mut s = Sampler::new(pres);
+/// assert_eq!(s.sample(&logits, History { prompt: &[1], generated: &[] }, false, 0).id, 1);
+/// assert_eq!(s.sample(&logits, History { prompt: &[], generated: &[1] }, false, 0).id, 2);
 ///
 /// // Seeded draws repeat exactly, and logprobs come from the raw distribution.
 /// let p = SamplingParams { temperature: 1.0, seed: 42, ..SamplingParams::greedy() };
-/// let (mut a, mut b) = (Sampler::new(p), Sampler::new(p));
+/// let (mut a, mut b) = (Sampler::new(p.clone()), Sampler::new(p));
 /// for _ in 0..8 {
-///     let (x, y) = (a.sample(&logits, &[], true, 2), b.sample(&logits, &[], true, 2));
+///     let (x, y) = (a.sample(&logits, none, true, 2), b.sample(&logits, none, true, 2));
 ///     assert_eq!(x, y);
 ///     assert_eq!(x.top.len(), 2);
 ///     assert!(x.logprob <= 0.0);
 /// }
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
     /// 0.0..=2.0; below [`GREEDY_BELOW`] means greedy.
     pub temperature: f32,
-    /// Keep the k most likely tokens; 0 = off.
+    /// Keep the k most likely tokens and every token tied with the k-th; 0 = off.
     pub top_k: u32,
     /// Nucleus mass, 0.0..=1.0; 1.0 = off.
     pub top_p: f32,
@@ -46,6 +72,13 @@ pub struct SamplingParams {
     pub min_p: f32,
     /// CTRL-style penalty over prompt + output, 0.0..=2.0; 1.0 (and 0.0) = off.
     pub repetition_penalty: f32,
+    /// OpenAI presence penalty over the generated tokens, -2.0..=2.0; 0.0 = off.
+    pub presence_penalty: f32,
+    /// OpenAI frequency penalty over the generated tokens, -2.0..=2.0; 0.0 = off.
+    pub frequency_penalty: f32,
+    /// `(id, bias)` added to the logits first; ids unique and below the vocabulary size, biases
+    /// -100.0..=100.0, sorted by id. Empty = off.
+    pub logit_bias: Vec<(u32, f32)>,
     /// Seed of the request's RNG.
     pub seed: u64,
 }
@@ -59,6 +92,9 @@ impl SamplingParams {
             top_p: 1.0,
             min_p: 0.0,
             repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
             seed: 0,
         }
     }
@@ -71,6 +107,23 @@ impl SamplingParams {
     fn penalty(&self) -> Option<f32> {
         let p = self.repetition_penalty;
         (p > 0.0 && p != 1.0).then_some(p)
+    }
+}
+
+/// The tokens one step is conditioned on: the prompt and the tokens generated so far. The
+/// repetition penalty looks at both, the presence and frequency penalties at `generated` only.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct History<'a> {
+    /// The request's prompt.
+    pub prompt: &'a [u32],
+    /// The tokens generated so far, in order.
+    pub generated: &'a [u32],
+}
+
+impl<'a> History<'a> {
+    /// Every id of the prompt, then of the output.
+    fn all(self) -> impl Iterator<Item = u32> + 'a {
+        self.prompt.iter().chain(self.generated).copied()
     }
 }
 
@@ -118,8 +171,12 @@ pub struct Sampled {
 pub struct Sampler {
     params: SamplingParams,
     rng: Rng,
+    /// The current step's processed logits (steps 1–4).
+    work: Vec<f32>,
+    /// The current step's candidates, `(processed logit, id)` (steps 5–7).
     cand: Vec<(f32, u32)>,
-    seen: Vec<bool>,
+    /// Per-id counters for the penalties; all zero between steps.
+    counts: Vec<u32>,
 }
 
 /// Descending by value, then ascending by id (torch's argmax picks the lowest id on ties).
@@ -130,7 +187,8 @@ fn by_value_desc(a: &(f32, u32), b: &(f32, u32)) -> Ordering {
 impl Sampler {
     /// A sampler whose RNG is seeded with `params.seed`.
     pub fn new(params: SamplingParams) -> Self {
-        Self { params, rng: Rng::new(params.seed), cand: Vec::new(), seen: Vec::new() }
+        let rng = Rng::new(params.seed);
+        Self { params, rng, work: Vec::new(), cand: Vec::new(), counts: Vec::new() }
     }
 
     /// The parameters.
@@ -138,19 +196,21 @@ impl Sampler {
         &self.params
     }
 
-    /// Picks the next id from `logits: (V)`. `history` is prompt + generated so far (for the
-    /// repetition penalty). `want_logprob` and `top_n` ask for raw log-probabilities.
+    /// Picks the next id from `logits: (V)` after `history`. `want_logprob` and `top_n` ask
+    /// for raw log-probabilities.
     pub fn sample(
         &mut self,
         logits: &[f32],
-        history: &[u32],
+        history: History<'_>,
         want_logprob: bool,
         top_n: usize,
     ) -> Sampled {
+        self.process(logits, history);
         let id = if self.params.is_greedy() {
-            self.argmax(logits, history)
+            argmax(&self.work)
         } else {
-            self.draw(logits, history)
+            self.truncate();
+            self.draw()
         };
         let (logprob, top) = if want_logprob || top_n > 0 {
             let lse = log_sum_exp(logits);
@@ -162,97 +222,171 @@ impl Sampler {
         Sampled { id, logprob, top }
     }
 
-    /// Argmax after the repetition penalty (temperature and the truncations never change it).
-    fn argmax(&mut self, logits: &[f32], history: &[u32]) -> u32 {
-        let penalty = self.params.penalty();
-        if penalty.is_some() {
-            self.mark_seen(logits.len(), history);
-        }
-        let value = |i: usize| match penalty {
-            Some(p) if self.seen[i] => penalize(logits[i], p),
-            _ => logits[i],
-        };
-        // Strictly greater: on ties the lowest id stays.
-        let mut best = (value(0), 0u32);
-        for i in 1..logits.len() {
-            let v = value(i);
-            if v > best.0 || best.0.is_nan() {
-                best = (v, i as u32);
+    /// Steps 1–4 of the pipeline on `logits: (V)`: logit bias, repetition penalty, frequency
+    /// and presence penalties, temperature (left out when greedy: it cannot move the argmax).
+    /// Returns the processed logits, the values HF's processors give.
+    pub fn process(&mut self, logits: &[f32], history: History<'_>) -> &[f32] {
+        let p = &self.params;
+        self.work.clear();
+        self.work.extend_from_slice(logits);
+        for &(id, bias) in &p.logit_bias {
+            if let Some(v) = self.work.get_mut(id as usize) {
+                *v += bias;
             }
         }
-        best.1
+        if let Some(penalty) = p.penalty() {
+            repetition_penalty(&mut self.work, history, penalty, &mut self.counts);
+        }
+        if p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
+            let (frequency, presence) = (p.frequency_penalty, p.presence_penalty);
+            frequency_presence(
+                &mut self.work,
+                history.generated,
+                frequency,
+                presence,
+                &mut self.counts,
+            );
+        }
+        // x / 1.0 == x exactly, so skipping it changes nothing.
+        if !p.is_greedy() && p.temperature != 1.0 {
+            let t = p.temperature;
+            self.work.iter_mut().for_each(|v| *v /= t);
+        }
+        &self.work
     }
 
-    /// Temperature, repetition penalty, top-k, top-p, min-p, then a draw.
-    fn draw(&mut self, logits: &[f32], history: &[u32]) -> u32 {
-        let p = self.params;
-        let penalty = p.penalty();
-        if penalty.is_some() {
-            self.mark_seen(logits.len(), history);
-        }
+    /// Steps 5–7 on the logits of the last [`Sampler::process`]: top-k, top-p, min-p. Returns
+    /// the survivors as `(processed logit, id)` (HF's warpers set every other logit to −∞).
+    pub fn truncate(&mut self) -> &[(f32, u32)] {
+        let p = &self.params;
         self.cand.clear();
-        self.cand.extend(logits.iter().enumerate().map(|(i, &l)| {
-            let z = l / p.temperature;
-            let z = match penalty {
-                Some(pen) if self.seen[i] => penalize(z, pen),
-                _ => z,
-            };
-            (z, i as u32)
-        }));
-        let k = p.top_k as usize;
-        if k > 0 && k < self.cand.len() {
-            self.cand.select_nth_unstable_by(k - 1, by_value_desc);
-            self.cand.truncate(k);
-        }
-        if p.top_p < 1.0 {
-            self.cand.sort_unstable_by(by_value_desc);
-        }
-        // Probabilities over the survivors (softmax with the max subtracted).
+        self.cand.extend(self.work.iter().enumerate().map(|(i, &z)| (z, i as u32)));
+        top_k(&mut self.cand, p.top_k as usize);
+        top_p(&mut self.cand, p.top_p);
+        min_p(&mut self.cand, p.min_p);
+        &self.cand
+    }
+
+    /// Step 8 for sampling: a draw from the softmax of the candidates, in their order.
+    fn draw(&mut self) -> u32 {
         let max = self.cand.iter().map(|c| c.0).fold(f32::NEG_INFINITY, f32::max);
-        let mut total = 0.0f64;
-        for c in &mut self.cand {
-            c.0 = (c.0 - max).exp();
-            total += f64::from(c.0);
-        }
-        if p.top_p < 1.0 {
-            // Smallest prefix (sorted) whose mass reaches top_p; always at least one token.
-            let target = f64::from(p.top_p) * total;
-            let mut mass = 0.0;
-            let mut keep = self.cand.len();
-            for (i, c) in self.cand.iter().enumerate() {
-                mass += f64::from(c.0);
-                if mass >= target {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            self.cand.truncate(keep.max(1));
-        }
-        if p.min_p > 0.0 {
-            // exp(max - max) = 1 is the top probability (unnormalised).
-            let floor = p.min_p;
-            self.cand.retain(|c| c.0 >= floor);
-        }
-        let total: f64 = self.cand.iter().map(|c| f64::from(c.0)).sum();
+        let total: f64 = self.cand.iter().map(|c| f64::from((c.0 - max).exp())).sum();
         let mut u = self.rng.next_f64() * total;
         for c in &self.cand {
-            u -= f64::from(c.0);
+            u -= f64::from((c.0 - max).exp());
             if u < 0.0 {
                 return c.1;
             }
         }
         self.cand.last().map_or(0, |c| c.1)
     }
+}
 
-    fn mark_seen(&mut self, vocab: usize, history: &[u32]) {
-        self.seen.clear();
-        self.seen.resize(vocab, false);
-        for &id in history {
-            if let Some(s) = self.seen.get_mut(id as usize) {
-                *s = true;
-            }
+/// The index of the largest value, the lowest on ties (as torch's argmax); NaN never wins.
+fn argmax(x: &[f32]) -> u32 {
+    let mut best = (x.first().copied().unwrap_or(f32::NEG_INFINITY), 0u32);
+    for (i, &v) in x.iter().enumerate().skip(1) {
+        // Strictly greater: on ties the lowest id stays.
+        if v > best.0 || best.0.is_nan() {
+            best = (v, i as u32);
         }
     }
+    best.1
+}
+
+/// Step 2 (HF `RepetitionPenaltyLogitsProcessor`): each distinct id of prompt + output once.
+/// `seen` is all zero on entry and on return.
+fn repetition_penalty(logits: &mut [f32], history: History<'_>, penalty: f32, seen: &mut Vec<u32>) {
+    if seen.len() < logits.len() {
+        seen.resize(logits.len(), 0);
+    }
+    let n = logits.len();
+    for id in history.all().map(|id| id as usize).filter(|&i| i < n) {
+        if seen[id] == 0 {
+            seen[id] = 1;
+            logits[id] = penalize(logits[id], penalty);
+        }
+    }
+    for id in history.all().map(|id| id as usize).filter(|&i| i < n) {
+        seen[id] = 0;
+    }
+}
+
+/// Step 3 (OpenAI, vLLM): `logits[j] = logits[j] - c[j]·frequency - presence` for every id
+/// with `c[j] > 0` occurrences in `generated`, in f32 and in that order. `counts` is all zero
+/// on entry and on return.
+fn frequency_presence(
+    logits: &mut [f32],
+    generated: &[u32],
+    frequency: f32,
+    presence: f32,
+    counts: &mut Vec<u32>,
+) {
+    if counts.len() < logits.len() {
+        counts.resize(logits.len(), 0);
+    }
+    let n = logits.len();
+    let ids = || generated.iter().map(|&id| id as usize).filter(move |&i| i < n);
+    for i in ids() {
+        counts[i] += 1;
+    }
+    for i in ids() {
+        let c = std::mem::take(&mut counts[i]);
+        if c > 0 {
+            logits[i] = logits[i] - c as f32 * frequency - presence;
+        }
+    }
+}
+
+/// Step 5 (HF `TopKLogitsWarper`, vLLM): keeps the `k` largest and every candidate tied with
+/// the k-th; 0 = off.
+fn top_k(cand: &mut Vec<(f32, u32)>, k: usize) {
+    if k == 0 || k >= cand.len() {
+        return;
+    }
+    cand.select_nth_unstable_by(k - 1, by_value_desc);
+    let kth = cand[k - 1].0;
+    // Ties with the k-th sit after it; move them up behind the first k.
+    let mut keep = k;
+    for i in k..cand.len() {
+        if cand[i].0 == kth {
+            cand.swap(keep, i);
+            keep += 1;
+        }
+    }
+    cand.truncate(keep);
+}
+
+/// Step 6 (HF `TopPLogitsWarper`): the smallest most-likely-first prefix whose probability
+/// reaches `top_p` (at least one); 1.0 = off. Leaves the candidates sorted.
+fn top_p(cand: &mut Vec<(f32, u32)>, top_p: f32) {
+    if top_p >= 1.0 || cand.is_empty() {
+        return;
+    }
+    cand.sort_unstable_by(by_value_desc);
+    let max = cand[0].0;
+    let total: f64 = cand.iter().map(|c| f64::from((c.0 - max).exp())).sum();
+    let target = f64::from(top_p) * total;
+    let mut mass = 0.0;
+    let mut keep = cand.len();
+    for (i, c) in cand.iter().enumerate() {
+        mass += f64::from((c.0 - max).exp());
+        if mass >= target {
+            keep = i + 1;
+            break;
+        }
+    }
+    cand.truncate(keep.max(1));
+}
+
+/// Step 7 (HF `MinPLogitsWarper`): drops candidates whose probability is below `min_p` times
+/// the top one's, i.e. `exp(z - max) < min_p`; 0.0 = off.
+fn min_p(cand: &mut Vec<(f32, u32)>, min_p: f32) {
+    if min_p <= 0.0 {
+        return;
+    }
+    let max = cand.iter().map(|c| c.0).fold(f32::NEG_INFINITY, f32::max);
+    cand.retain(|c| (c.0 - max).exp() >= min_p);
 }
 
 /// CTRL / Hugging Face repetition penalty: positive logits shrink, negative ones grow.

@@ -10,7 +10,7 @@ use crate::error::EngineError;
 use crate::kv_cache::KvCache;
 use crate::model::{Gpt2, LogitsFor, Scratch, SeqStep};
 use crate::request::ValidRequest;
-use crate::sampling::{Sampled, Sampler};
+use crate::sampling::{History, Sampled, Sampler};
 
 /// Why a generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -81,7 +81,7 @@ impl Sequence {
             return Err((req, err));
         }
         let history = req.prompt.clone();
-        Ok(Self { sampler: Sampler::new(req.sampling), req, cache, history })
+        Ok(Self { sampler: Sampler::new(req.sampling.clone()), req, cache, history })
     }
 
     /// The request.
@@ -119,8 +119,9 @@ impl Sequence {
             return None;
         }
         let logits = logits.as_slice().expect("logit rows are contiguous");
-        let token =
-            self.sampler.sample(logits, &self.history, self.req.logprobs, self.req.top_logprobs);
+        let (prompt, generated) = self.history.split_at(self.req.prompt.len());
+        let history = History { prompt, generated };
+        let token = self.sampler.sample(logits, history, self.req.logprobs, self.req.top_logprobs);
         self.history.push(token.id);
         let index = self.generated() - 1;
         let stop = &self.req.stopping;

@@ -207,11 +207,12 @@ fn generation_is_deterministic_across_runs_and_thread_counts() {
         min_p: 0.01,
         repetition_penalty: 1.2,
         seed: 1234,
+        ..SamplingParams::greedy()
     };
     let run = || {
         generate(
             &model,
-            request(vec![464, 2068, 7586], 40, sampling, 50256),
+            request(vec![464, 2068, 7586], 40, sampling.clone(), 50256),
             DEFAULT_PREFILL_CHUNK,
             |_| {},
         )

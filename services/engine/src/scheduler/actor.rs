@@ -258,7 +258,7 @@ impl Scheduler {
         while let Some(cmd) = next {
             match cmd {
                 Command::Submit { job, permit, at } => {
-                    let Job { req, events, deadline, span } = job;
+                    let Job { req, events, deadline, span } = *job;
                     tracing::debug!(request_id = %req.request_id, "queued");
                     let phase = tracing::info_span!(parent: &span, "queue");
                     let state = State::Waiting { req, permit };

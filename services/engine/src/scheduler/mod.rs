@@ -109,7 +109,7 @@ pub struct Job {
 }
 
 enum Command {
-    Submit { job: Job, permit: QueuePermit, at: Instant },
+    Submit { job: Box<Job>, permit: QueuePermit, at: Instant },
     Abort(Vec<String>, tokio::sync::oneshot::Sender<usize>),
     CancelAll,
     Stop,
@@ -199,7 +199,7 @@ impl SchedulerHandle {
             .ok_or(EngineError::QueueFull { limit: self.config.max_queue })?;
         // A refused send drops the command, and with it the permit.
         self.tx
-            .send(Command::Submit { job, permit, at: Instant::now() })
+            .send(Command::Submit { job: Box::new(job), permit, at: Instant::now() })
             .map_err(|_| EngineError::Unavailable("stopped"))
     }
 
