@@ -24,3 +24,4 @@ build:
 fixtures:
 	python3 scripts/gen_tokenizer_corpus.py
 	python3 scripts/gen_reference.py
+	python3 scripts/gen_sampling_reference.py
