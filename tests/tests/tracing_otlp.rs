@@ -306,6 +306,30 @@ async fn cancel_and_engine_errors_set_the_span_status() {
     assert_eq!(hex(&refused.span.parent_span_id), CLIENT_SPAN);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_still_queued_at_sigterm_are_flushed_before_exit() {
+    let (collector, addr) = Collector::start().await;
+    // The processor would wait ten minutes before its first export: only shutdown sends.
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{addr}")),
+        ("OTEL_BSP_SCHEDULE_DELAY", "600000".to_owned()),
+    ];
+    let mut stack = Stack::start(&env);
+    stack.ready().await;
+    let body = json!({"job_id": "flushed", "prompt": "Hi", "max_tokens": 3, "temperature": 0});
+    execute(&stack, body, None).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(collector.all().is_empty(), "{:#?}", names(&collector.all()));
+    for proc in [&mut stack.gateway, &mut stack.engine, &mut stack.tokenizer] {
+        let pid = proc.child.id().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        let status = tokio::task::block_in_place(|| proc.child.wait()).unwrap();
+        assert!(status.success(), "{status}");
+    }
+    let spans = execute_trace(&collector, None).await;
+    assert_eq!(one(&spans, GATEWAY, "POST /execute").int("http.response.status_code"), 200);
+}
+
 #[tokio::test]
 async fn a_collector_that_is_down_changes_nothing_for_requests() {
     // A port that was free a moment ago and has nobody listening.
