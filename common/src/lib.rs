@@ -4,7 +4,9 @@
 //! logs back ([`child_log`]).
 
 pub mod child_log;
+pub mod cli;
 pub mod grpc;
 pub mod logging;
+pub mod probe;
 pub mod shutdown;
 pub mod telemetry;

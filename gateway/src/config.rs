@@ -35,18 +35,26 @@ pub struct GatewayConfig {
     pub port: u16,
     /// URL for the ready callback (POSTed once listening). A URL containing `localhost:9999`
     /// means test mode: the call is skipped.
-    #[arg(long, env = "LLORCH_CALLBACK_URL", default_value = DEFAULT_CALLBACK_URL)]
+    #[arg(long, env = "LLORCH_CALLBACK_URL", default_value = DEFAULT_CALLBACK_URL, value_parser = http_url)]
     pub callback_url: String,
-    /// URL this worker is reachable at, sent as `uri` in the callback (default:
+    /// URL this worker is reachable at, sent as `uri` in the callback (default, or empty:
     /// `http://<host>:<port>`).
-    #[arg(long, env = "LLORCH_PUBLIC_URL")]
+    #[arg(long, env = "LLORCH_PUBLIC_URL", value_parser = optional_http_url)]
     pub public_url: Option<String>,
     /// Tokenizer service address.
-    #[arg(long, env = "LLORCH_TOKENIZER_URL", default_value = DEFAULT_TOKENIZER_URL)]
+    #[arg(long, env = "LLORCH_TOKENIZER_URL", default_value = DEFAULT_TOKENIZER_URL, value_parser = http_url)]
     pub tokenizer_url: String,
-    /// Engine service address.
-    #[arg(long, env = "LLORCH_ENGINE_URL", default_value = DEFAULT_ENGINE_URL)]
-    pub engine_url: String,
+    /// Engine service address; repeat the flag (or separate by commas in the variable) for
+    /// several replicas. A host name stands for every address it resolves to, re-resolved every
+    /// few seconds (e.g. a compose service scaled to N).
+    #[arg(
+        long = "engine-url",
+        env = "LLORCH_ENGINE_URL",
+        value_delimiter = ',',
+        default_value = DEFAULT_ENGINE_URL,
+        value_parser = http_url
+    )]
+    pub engine_urls: Vec<String>,
     /// Most `/execute` streams at once; more get 429 with `Retry-After`.
     #[arg(long, env = "LLORCH_MAX_IN_FLIGHT", default_value_t = DEFAULT_MAX_IN_FLIGHT)]
     pub max_in_flight: usize,
@@ -67,6 +75,21 @@ pub struct GatewayConfig {
     pub max_body_bytes: usize,
 }
 
+/// An `http://` or `https://` URL with a host; clap prints the flag and the value with the
+/// error (`invalid value 'not a url' for '--engine-url <ENGINE_URLS>': ...`).
+fn http_url(value: &str) -> Result<String, String> {
+    let uri: axum::http::Uri = value.parse().map_err(|e| format!("not a URL ({e})"))?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some("http" | "https"), Some(_)) => Ok(value.to_owned()),
+        _ => Err("expected http://HOST[:PORT] or https://HOST[:PORT]".to_owned()),
+    }
+}
+
+/// [`http_url`], or empty (meaning: not set).
+fn optional_http_url(value: &str) -> Result<String, String> {
+    if value.is_empty() { Ok(String::new()) } else { http_url(value) }
+}
+
 impl GatewayConfig {
     /// The defaults of every flag, for tests, with the two upstreams' URLs.
     pub fn new(tokenizer_url: String, engine_url: String) -> Self {
@@ -79,7 +102,7 @@ impl GatewayConfig {
             callback_url: DEFAULT_CALLBACK_URL.into(),
             public_url: None,
             tokenizer_url,
-            engine_url,
+            engine_urls: vec![engine_url],
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT_SECS,
             callback_attempts: DEFAULT_CALLBACK_ATTEMPTS,
@@ -111,5 +134,36 @@ mod tests {
         let mut new = GatewayConfig::new(DEFAULT_TOKENIZER_URL.into(), DEFAULT_ENGINE_URL.into());
         new.port = DEFAULT_PORT;
         assert_eq!(format!("{parsed:?}"), format!("{new:?}"));
+    }
+
+    fn parse(args: &[&str]) -> Result<GatewayConfig, String> {
+        let command = GatewayConfig::augment_args(clap::Command::new("llorch-gateway"))
+            .mut_args(|arg| arg.env(None));
+        let matches = command
+            .try_get_matches_from(std::iter::once("llorch-gateway").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        GatewayConfig::from_arg_matches(&matches).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn url_errors_name_the_flag_and_the_value() {
+        for (flag, bad) in [
+            ("--engine-url", "not a url"),
+            ("--engine-url", "engine:50052"),
+            ("--tokenizer-url", "ftp://tokenizer"),
+            ("--callback-url", "http://"),
+            ("--public-url", "nowhere"),
+        ] {
+            let err = parse(&[flag, bad]).unwrap_err();
+            assert!(err.contains(flag) && err.contains(&format!("'{bad}'")), "{flag} {bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn engine_urls_repeat_and_split_on_commas() {
+        let c = parse(&["--engine-url", "http://a:1,http://b:2", "--engine-url", "http://c:3"])
+            .unwrap();
+        assert_eq!(c.engine_urls, ["http://a:1", "http://b:2", "http://c:3"]);
+        assert_eq!(parse(&["--public-url", ""]).unwrap().public_url.as_deref(), Some(""));
     }
 }

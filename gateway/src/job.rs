@@ -24,6 +24,7 @@ use tonic::Streaming;
 use tracing::Instrument;
 
 use crate::detokenize::Detokenizer;
+use crate::engines::EngineLease;
 use crate::error::{ErrorKind, GatewayError};
 use crate::metrics::Outcome;
 use crate::state::{AppState, JobGuard};
@@ -235,21 +236,19 @@ async fn open(
     // The detokenizer stream first: if the tokenizer is down, nothing has started yet.
     let detokenizer = Detokenizer::open(&mut tokenizer, &ctx).await?;
     let prompt_tokens = u32::try_from(prompt_ids.len()).unwrap_or(u32::MAX);
-    let mut generate = ctx.request(engine_request(&request, prompt_ids));
-    generate.set_timeout(deadline.saturating_duration_since(Instant::now()));
+    let generate = || {
+        let mut r = ctx.request(engine_request(&request, prompt_ids.clone()));
+        r.set_timeout(deadline.saturating_duration_since(Instant::now()));
+        r
+    };
     let generate_span = telemetry::client_span("llorch.engine.v1.Engine/Generate");
-    let stream = app
-        .upstreams
-        .engine
-        .clone()
-        .generate(generate)
-        .instrument(generate_span.clone())
-        .await
-        .map_err(|e| {
-            telemetry::grpc_status(&generate_span, e.code() as i32, e.message());
-            GatewayError::from_status("engine", &e)
-        })?
-        .into_inner();
+    let (lease, stream) =
+        app.upstreams.engines.generate(generate).instrument(generate_span.clone()).await.map_err(
+            |e| {
+                telemetry::grpc_status(&generate_span, e.code() as i32, e.message());
+                GatewayError::from_status("engine", &e)
+            },
+        )?;
     app.metrics.prompt_tokens.fetch_add(u64::from(prompt_tokens), Ordering::Relaxed);
 
     let (events, rx) = mpsc::channel(EVENT_BUFFER);
@@ -261,6 +260,7 @@ async fn open(
         events,
         engine: Some(stream),
         generate_span,
+        lease,
         detokenizer,
         model: facts.model,
         received,
@@ -314,6 +314,8 @@ struct Job {
     engine: Option<Streaming<epb::GenerateResponse>>,
     /// The `Generate` call's client span; lasts as long as the job.
     generate_span: tracing::Span,
+    /// The engine replica running it (counted there until the job ends).
+    lease: EngineLease,
     detokenizer: Detokenizer,
     stop: StopMatcher,
     model: String,
@@ -526,7 +528,7 @@ impl Job {
 
     /// Stops the engine's work for this job: drop the stream and `Abort` it by id.
     async fn abort_engine(&mut self) {
-        let mut engine = self.app.upstreams.engine.clone();
+        let mut engine = self.lease.client();
         let mut req =
             self.ctx.request(epb::AbortRequest { request_ids: vec![self.request.job_id.clone()] });
         req.set_timeout(Duration::from_secs(2));

@@ -5,6 +5,7 @@ pub mod callback;
 pub mod config;
 pub mod correlation;
 pub mod detokenize;
+pub mod engines;
 pub mod error;
 pub mod execute;
 pub mod job;

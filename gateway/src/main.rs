@@ -1,29 +1,86 @@
 //! `llorch-gateway`: the llama-orch worker HTTP/SSE API in front of the tokenizer and engine.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use llorch_common::probe::{self, ProbeArgs};
 use llorch_common::telemetry::{self, TelemetryArgs};
 use llorch_gateway::GatewayConfig;
 
 /// llama-orch worker HTTP/SSE API over the llorch services.
+///
+/// `llorch-gateway [FLAGS]` (no subcommand) is the same as `llorch-gateway serve [FLAGS]`.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(flatten)]
     telemetry: TelemetryArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
     #[command(flatten)]
     config: GatewayConfig,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the worker API (the default when no subcommand is given).
+    Serve {
+        #[command(flatten)]
+        config: GatewayConfig,
+    },
+    /// Ask a running gateway's `GET /health`: exit 0 when healthy, 1 with the reason otherwise
+    /// (container healthchecks; the image has no curl).
+    Health {
+        #[command(flatten)]
+        probe: ProbeArgs,
+        /// Port of the gateway on this host, used when `--url` is absent.
+        #[arg(long, env = "LLORCH_GATEWAY_PORT", default_value_t = 8080)]
+        port: u16,
+    },
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let config = match cli.command {
+        Some(Command::Health { probe: args, port }) => {
+            let url = args.url.clone().unwrap_or_else(|| format!("http://127.0.0.1:{port}"));
+            probe::exit_with(http_health(&url, args.timeout()).await)
+        }
+        Some(Command::Serve { config }) => config,
+        None => cli.config,
+    };
     // Flushes queued spans when dropped, at the end of main.
     let _telemetry = telemetry::init(&cli.telemetry, "llorch-gateway")?;
-    let addr = SocketAddr::new(cli.config.host, cli.config.port);
+    let addr = SocketAddr::new(config.host, config.port);
     let listener =
         tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot bind {addr}"))?;
-    llorch_gateway::server::run(cli.config, listener, llorch_common::shutdown::signal()).await
+    llorch_gateway::server::run(config, listener, llorch_common::shutdown::signal()).await
+}
+
+/// `GET <url>/health`: `Ok` with the status line when it answers 200.
+async fn http_health(url: &str, timeout: Duration) -> Result<String, String> {
+    let health = format!("{}/health", url.trim_end_matches('/'));
+    let client = reqwest::Client::builder()
+        .timeout(timeout)
+        .build()
+        .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+    let resp = client
+        .get(&health)
+        .send()
+        .await
+        .map_err(|e| format!("cannot reach {health}: {}", probe::chain(&e)))?;
+    let code = resp.status();
+    let body: serde_json::Value = resp.json().await.unwrap_or_default();
+    let field = |k: &str| body.get(k).map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+    let line = format!(
+        "{health}: HTTP {} status={} engines_up={} reason={}",
+        code.as_u16(),
+        field("status"),
+        field("engines_up"),
+        field("reason")
+    );
+    if code.is_success() { Ok(line) } else { Err(line) }
 }

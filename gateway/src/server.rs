@@ -84,15 +84,21 @@ fn on_response<B>(resp: &axum::http::Response<B>, _latency: Duration, span: &tra
 }
 
 /// `GET /health`: 200 healthy when both upstreams answer and the worker is not draining, else
-/// 503 unhealthy (same shape; the worker API knows no third status, and a draining worker must
-/// get no new work).
+/// 503 unhealthy (same shape plus a one-line `reason`; the worker API knows no third status,
+/// and a draining worker must get no new work).
 async fn health(State(app): State<Arc<AppState>>) -> Response {
-    let facts = app
+    let checked = app
         .refresh_facts()
         .await
-        .inspect_err(|e| tracing::warn!(error = %e, "health check failed"))
-        .ok();
-    let (status, code) = if facts.is_some() && !app.is_draining() {
+        .inspect_err(|e| tracing::warn!(error = %e, "health check failed"));
+    let reason = match &checked {
+        _ if app.is_draining() => Some("draining".to_owned()),
+        Err(e) => Some(e.to_string()),
+        Ok(_) => None,
+    };
+    let facts = checked.ok();
+    let engines = app.upstreams.engines.count();
+    let (status, code) = if reason.is_none() {
         ("healthy", StatusCode::OK)
     } else {
         ("unhealthy", StatusCode::SERVICE_UNAVAILABLE)
@@ -105,6 +111,9 @@ async fn health(State(app): State<Arc<AppState>>) -> Response {
         "protocol": "sse",
         "memory_architecture": "cpu",
         "running_jobs": app.running_jobs(),
+        // Engine replicas serving, of those known (healthy while at least one serves).
+        "engines_up": engines.up,
+        "engines": engines.total,
     });
     if let Some(f) = facts {
         body["model"] = json!(f.model);
@@ -113,6 +122,10 @@ async fn health(State(app): State<Arc<AppState>>) -> Response {
         body["vocab_size"] = json!(f.vocab_size);
     } else if let Some(model) = &app.config.model {
         body["model"] = json!(model);
+    }
+    if let Some(reason) = reason {
+        // Why it is unhealthy, in one line (not in the worker API; pool managers ignore it).
+        body["reason"] = json!(reason);
     }
     (code, axum::Json(body)).into_response()
 }
@@ -160,15 +173,24 @@ fn cancel_job(app: &AppState, job_id: String) -> Response {
 /// `GET /metrics`: Prometheus text.
 async fn metrics(State(app): State<Arc<AppState>>) -> Response {
     let in_flight = (app.config.max_in_flight - app.in_flight.available_permits()) as f64;
-    let mut engine = app.upstreams.engine.clone();
-    let mut req = tonic::Request::new(llorch_proto::engine::v1::InfoRequest {});
-    req.set_timeout(Duration::from_secs(1));
-    let (waiting, running) = match engine.info(req).await {
-        Ok(i) => {
-            let i = i.into_inner();
-            (f64::from(i.waiting), f64::from(i.running))
-        }
-        Err(_) => (f64::NAN, f64::NAN),
+    // Summed over the serving replicas; NaN when none answers.
+    let infos = futures::future::join_all(
+        app.upstreams.engines.replicas().into_iter().filter(|r| r.is_serving()).map(
+            |r| async move {
+                let mut req = tonic::Request::new(llorch_proto::engine::v1::InfoRequest {});
+                req.set_timeout(Duration::from_secs(1));
+                r.client().info(req).await.ok().map(|i| i.into_inner())
+            },
+        ),
+    )
+    .await;
+    let answered: Vec<_> = infos.into_iter().flatten().collect();
+    let (waiting, running) = if answered.is_empty() {
+        (f64::NAN, f64::NAN)
+    } else {
+        answered
+            .iter()
+            .fold((0.0, 0.0), |(w, r), i| (w + f64::from(i.waiting), r + f64::from(i.running)))
     };
     let text = app.metrics.render(&[
         ("llorch_in_flight_requests", "Execute streams open in the gateway.", in_flight),
@@ -187,14 +209,20 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
-    let upstreams = Upstreams::connect_lazy(&config.tokenizer_url, &config.engine_url)?;
+    let upstreams = Upstreams::connect_lazy(&config.tokenizer_url, &config.engine_urls)?;
+    upstreams.engines.start().await;
     let state = Arc::new(AppState::new(config.clone(), upstreams));
     let app = router(Arc::clone(&state));
     let drain = llorch_common::shutdown::DrainSignal::new();
     let server = axum::serve(listener, app).with_graceful_shutdown(drain.started());
-    tracing::info!(%addr, tokenizer = %config.tokenizer_url, engine = %config.engine_url, "gateway listening");
+    tracing::info!(%addr, tokenizer = %config.tokenizer_url, engines = ?config.engine_urls, "gateway listening");
 
-    let uri = config.public_url.clone().unwrap_or_else(|| format!("http://{addr}"));
+    // Empty counts as unset (a compose file passes `LLORCH_PUBLIC_URL=` when none is given).
+    let uri = config
+        .public_url
+        .clone()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| format!("http://{addr}"));
     let ready = callback::announce(&config, &uri, &state);
     let lifecycle = async {
         ready.await?;

@@ -1,12 +1,11 @@
-//! The gateway's gRPC clients to the tokenizer and engine services. Channels connect lazily and
-//! reconnect by themselves, so an upstream that restarts is used again without restarting the
-//! gateway. Every call carries the trace context of the span it is made in
+//! The gateway's gRPC clients to the tokenizer and the engine replicas ([`crate::engines`]).
+//! Channels connect lazily and reconnect by themselves, so an upstream that restarts is used
+//! again without restarting the gateway. Every call carries the trace context of the span it is made in
 //! ([`TracePropagation`]) and the request's correlation id ([`CallContext`]).
 
 use std::time::Duration;
 
 use llorch_common::telemetry::TracePropagation;
-use llorch_proto::engine::v1::InfoRequest as EngineInfoRequest;
 use llorch_proto::engine::v1::InfoResponse as EngineInfo;
 use llorch_proto::engine::v1::engine_client::EngineClient;
 use llorch_proto::tokenizer::v1::InfoRequest as TokenizerInfoRequest;
@@ -15,6 +14,7 @@ use llorch_proto::tokenizer::v1::tokenizer_client::TokenizerClient;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::engines::Engines;
 use crate::error::GatewayError;
 
 /// How long a health probe of an upstream may take.
@@ -34,8 +34,8 @@ pub type Engine = EngineClient<Traced>;
 pub struct Upstreams {
     /// `llorch.tokenizer.v1.Tokenizer`.
     pub tokenizer: Tokenizer,
-    /// `llorch.engine.v1.Engine`.
-    pub engine: Engine,
+    /// `llorch.engine.v1.Engine`: every replica.
+    pub engines: Engines,
 }
 
 /// Metadata carried from the HTTP request into every gRPC call of the job (the trace context
@@ -62,37 +62,39 @@ impl CallContext {
     }
 }
 
-fn endpoint(url: &str) -> Result<Endpoint, anyhow::Error> {
-    Ok(Endpoint::from_shared(url.to_owned())?
+/// The channel to `url`, connecting lazily and reconnecting by itself, whose calls carry the
+/// trace context. Every gRPC client of the gateway (the tokenizer, each engine replica and its
+/// readiness probe) is built on one of these.
+pub fn channel(url: &str) -> anyhow::Result<Traced> {
+    let channel = Endpoint::from_shared(url.to_owned())?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(30)))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .connect_lazy();
+    Ok(InterceptedService::new(channel, TracePropagation))
 }
 
 impl Upstreams {
-    /// Clients for the two URLs; nothing connects until the first call.
-    pub fn connect_lazy(tokenizer_url: &str, engine_url: &str) -> anyhow::Result<Self> {
-        let tokenizer = TokenizerClient::with_interceptor(
-            endpoint(tokenizer_url)?.connect_lazy(),
-            TracePropagation,
+    /// Clients for the tokenizer URL and the engine replicas' URLs; nothing connects until the
+    /// first call or probe. Call [`Engines::start`] on `engines` to begin probing them.
+    pub fn connect_lazy(tokenizer_url: &str, engine_urls: &[String]) -> anyhow::Result<Self> {
+        let tokenizer = TokenizerClient::new(
+            channel(tokenizer_url)
+                .map_err(|e| anyhow::anyhow!("--tokenizer-url {tokenizer_url:?}: {e}"))?,
         );
-        let engine =
-            EngineClient::with_interceptor(endpoint(engine_url)?.connect_lazy(), TracePropagation)
-                .max_decoding_message_size(16 << 20);
-        Ok(Self { tokenizer, engine })
+        let engines = Engines::new(engine_urls)?;
+        Ok(Self { tokenizer, engines })
     }
 
-    /// Both services' `Info`, each within [`PROBE_TIMEOUT`].
+    /// The tokenizer's `Info` and a serving engine replica's, each within [`PROBE_TIMEOUT`].
     pub async fn info(&self) -> Result<(TokenizerInfo, EngineInfo), GatewayError> {
         let mut tok = self.tokenizer.clone();
-        let mut eng = self.engine.clone();
         let probe =
             |what: &'static str| move |e: tonic::Status| GatewayError::from_status(what, &e);
         let mut treq = tonic::Request::new(TokenizerInfoRequest {});
         treq.set_timeout(PROBE_TIMEOUT);
-        let mut ereq = tonic::Request::new(EngineInfoRequest {});
-        ereq.set_timeout(PROBE_TIMEOUT);
-        let (t, e) = tokio::join!(tok.info(treq), eng.info(ereq));
-        Ok((t.map_err(probe("tokenizer"))?.into_inner(), e.map_err(probe("engine"))?.into_inner()))
+        let engine = self.engines.info(PROBE_TIMEOUT);
+        let (t, e) = tokio::join!(tok.info(treq), engine);
+        Ok((t.map_err(probe("tokenizer"))?.into_inner(), e.map_err(probe("engine"))?))
     }
 }

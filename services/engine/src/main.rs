@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use llorch_common::probe::{self, ProbeArgs};
 use llorch_common::telemetry::{self, TelemetryArgs};
 use llorch_engine::random::{FileLayout, RandomModel, StorageDtype};
 use llorch_engine::sequence::DEFAULT_PREFILL_CHUNK;
@@ -26,6 +27,25 @@ struct Cli {
 enum Command {
     /// Serve `llorch.engine.v1.Engine` (plus health and reflection) over gRPC.
     Serve(llorch_engine::server::ServeConfig),
+    /// Ask a running engine service whether it serves (`grpc.health.v1`): exit 0 when
+    /// SERVING, 1 with the reason otherwise (NOT_SERVING while loading or draining).
+    Health {
+        #[command(flatten)]
+        probe: ProbeArgs,
+        /// Port of the service on this host, used when `--url` is absent.
+        #[arg(long, env = "LLORCH_ENGINE_PORT", default_value_t = llorch_engine::server::defaults::PORT)]
+        port: u16,
+    },
+    /// Print a running engine service's `Info` (model, limits, live counters) as one JSON
+    /// object.
+    Info {
+        /// Service to ask (default: `http://127.0.0.1:<port>`).
+        #[arg(long)]
+        url: Option<String>,
+        /// Port of the service on this host, used when `--url` is absent.
+        #[arg(long, env = "LLORCH_ENGINE_PORT", default_value_t = llorch_engine::server::defaults::PORT)]
+        port: u16,
+    },
     /// Generate from token ids and print one JSON object.
     Generate(GenerateArgs),
     /// Write every checkpoint tensor of a prompt as .npy (plus meta.json) into a folder.
@@ -137,6 +157,11 @@ struct GenerateArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    // `health` computes nothing: answered before the OpenBLAS check (which may re-execute the
+    // process), as a healthcheck runs every few seconds.
+    if std::env::args().nth(1).as_deref() == Some("health") {
+        health(Cli::parse().command);
+    }
     // First, before anything computes: OpenBLAS reads its kernel choice only at load, so this
     // may re-execute the process once (see `blas_core`).
     let blas_core = llorch_engine::blas_core::ensure_best_core();
@@ -146,6 +171,10 @@ fn main() -> anyhow::Result<()> {
     llorch_engine::blas_core::log_report(blas_core);
     match cli.command {
         Command::Serve(config) => serve(config),
+        command @ Command::Health { .. } => health(command),
+        Command::Info { url, port } => {
+            info(url.unwrap_or_else(|| format!("http://127.0.0.1:{port}")))
+        }
         Command::Generate(args) => generate(args),
         Command::Dump { model, prompt_ids, out } => {
             let model = load(&model)?;
@@ -200,6 +229,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn serve(config: llorch_engine::server::ServeConfig) -> anyhow::Result<()> {
+    llorch_common::cli::check_model_dir(&config.model, "LLORCH_MODEL")?;
     // The forward pass runs on the scheduler thread and the compute pool; the runtime only
     // moves messages, so two worker threads are plenty.
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -212,7 +242,61 @@ fn serve(config: llorch_engine::server::ServeConfig) -> anyhow::Result<()> {
     })
 }
 
+/// Runs `llorch-engine health` and exits with its code.
+fn health(command: Command) -> ! {
+    let Command::Health { probe: args, port } = command else {
+        unreachable!("called for the health subcommand only")
+    };
+    let url = args.url(port);
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))
+        .and_then(|rt| {
+            rt.block_on(probe::grpc_health(&url, llorch_proto::ENGINE_SERVICE, args.timeout()))
+        });
+    probe::exit_with(result)
+}
+
+/// Runs `llorch-engine info`.
+fn info(url: String) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let info = rt.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(url.clone())
+            .with_context(|| format!("--url {url:?} is not a valid URL"))?
+            .connect_timeout(std::time::Duration::from_secs(3))
+            .connect()
+            .await
+            .with_context(|| format!("cannot reach the engine at {url}"))?;
+        let mut req = tonic::Request::new(pb::InfoRequest {});
+        req.set_timeout(std::time::Duration::from_secs(3));
+        let info = pb::engine_client::EngineClient::new(channel)
+            .info(req)
+            .await
+            .with_context(|| format!("Info at {url} failed"))?;
+        anyhow::Ok(info.into_inner())
+    })?;
+    let json = serde_json::json!({
+        "model": info.model,
+        "n_ctx": info.n_ctx,
+        "vocab_size": info.vocab_size,
+        "dtype": info.dtype,
+        "max_batch": info.max_batch,
+        "max_queue": info.max_queue,
+        "running": info.running,
+        "waiting": info.waiting,
+        "kv_caches_in_use": info.kv_caches_in_use,
+        "decode_steps": info.decode_steps,
+        "finished": info.finished,
+        "weight_bytes": info.weight_bytes,
+        "openblas_core": info.openblas_core,
+    });
+    println!("{json}");
+    Ok(())
+}
+
 fn load(dir: &Path) -> anyhow::Result<Gpt2> {
+    llorch_common::cli::check_model_dir(dir, "LLORCH_MODEL")?;
     let started = Instant::now();
     let model =
         Gpt2::load(dir).with_context(|| format!("cannot load the model in {}", dir.display()))?;

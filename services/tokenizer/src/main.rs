@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use llorch_common::probe::{self, ProbeArgs};
 use llorch_common::telemetry::{self, TelemetryArgs};
 use llorch_tokenizer::{BpeTokenizer, ServeConfig, server};
 
@@ -22,6 +23,15 @@ struct Cli {
 enum Command {
     /// Serve `llorch.tokenizer.v1.Tokenizer` (plus health and reflection) over gRPC.
     Serve(ServeConfig),
+    /// Ask a running tokenizer service whether it serves (`grpc.health.v1`): exit 0 when
+    /// SERVING, 1 with the reason otherwise (container healthchecks).
+    Health {
+        #[command(flatten)]
+        probe: ProbeArgs,
+        /// Port of the service on this host, used when `--url` is absent.
+        #[arg(long, env = "LLORCH_TOKENIZER_PORT", default_value_t = 50051)]
+        port: u16,
+    },
     /// Print the ids of TEXT as `{"ids":[...]}`.
     Encode {
         /// Model folder with the tokenizer files.
@@ -59,10 +69,18 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Command::Health { probe: args, port } = &cli.command {
+        let url = args.url(*port);
+        probe::exit_with(
+            probe::grpc_health(&url, llorch_proto::TOKENIZER_SERVICE, args.timeout()).await,
+        );
+    }
     // Flushes queued spans when dropped, at the end of main.
     let _telemetry = telemetry::init(&cli.telemetry, "llorch-tokenizer")?;
     match cli.command {
+        Command::Health { .. } => unreachable!("answered above"),
         Command::Serve(config) => {
+            llorch_common::cli::check_model_dir(&config.model, "LLORCH_MODEL")?;
             let addr = SocketAddr::new(config.host, config.port);
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
@@ -70,12 +88,14 @@ async fn main() -> anyhow::Result<()> {
             server::run(config, listener, llorch_common::shutdown::signal()).await
         }
         Command::Encode { model, text } => {
+            llorch_common::cli::check_model_dir(&model, "LLORCH_MODEL")?;
             let tok = BpeTokenizer::from_dir(&model)?;
             let ids = tok.encode(&text, false)?;
             println!("{}", serde_json::json!({ "ids": ids }));
             Ok(())
         }
         Command::Bench { model, file, chunk_bytes, seconds } => {
+            llorch_common::cli::check_model_dir(&model, "LLORCH_MODEL")?;
             let tok = BpeTokenizer::from_dir(&model)?;
             let text = match file {
                 Some(path) => std::fs::read_to_string(&path)
@@ -88,6 +108,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Decode { model, ids } => {
+            llorch_common::cli::check_model_dir(&model, "LLORCH_MODEL")?;
             let tok = BpeTokenizer::from_dir(&model)?;
             let text = tok.decode(&ids, false)?;
             println!("{}", serde_json::json!({ "text": text }));
