@@ -1,5 +1,5 @@
 # The one gate, the same locally and in CI (.ci/run calls `make check`).
-.PHONY: check fmt clippy test doc-test build run fixtures
+.PHONY: check fmt clippy test doc-test build run fixtures docker-test
 
 CARGO ?= cargo
 
@@ -25,3 +25,8 @@ fixtures:
 	python3 scripts/gen_tokenizer_corpus.py
 	python3 scripts/gen_reference.py
 	python3 scripts/gen_sampling_reference.py
+
+# The container test: builds the image offline (deploy/build-offline.sh) and drives the compose
+# stack through its published port (needs Docker and docker-compose; see deploy/test_compose.py).
+docker-test:
+	python3 deploy/test_compose.py
