@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -319,6 +320,8 @@ def check_removed() -> None:
 
 
 def main() -> int:
+    # A CI timeout sends SIGTERM: raise SystemExit so that the cleanup in `finally` runs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     log(f"compose project {PROJECT}")
     for files in ([COMPOSE_FILE], [COMPOSE_FILE, TELEMETRY_FILE]):
         args = [a for f in files for a in ("-f", str(f))]
