@@ -1,5 +1,5 @@
 # The one gate, the same locally and in CI (.ci/run calls `make check`).
-.PHONY: check fmt clippy test doc-test build run fixtures
+.PHONY: check fmt clippy test doc-test build run fixtures clients
 
 CARGO ?= cargo
 
@@ -25,3 +25,9 @@ fixtures:
 	python3 scripts/gen_tokenizer_corpus.py
 	python3 scripts/gen_reference.py
 	python3 scripts/gen_sampling_reference.py
+
+# The Python clients (official `openai` client tests, gRPC example) against the three real
+# services; needs `.ci/setup --test` (the venv) and a built workspace. Run by .ci/run.
+clients:
+	$(CARGO) build --workspace --locked -q
+	clients/run.sh
