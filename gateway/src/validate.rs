@@ -536,6 +536,25 @@ mod tests {
     }
 
     #[test]
+    fn an_id_prompt_is_checked_for_length_then_against_the_vocabulary() {
+        let request = |ids: Vec<u32>| {
+            serde_json::from_value::<ExecuteRequest>(base())
+                .unwrap()
+                .validate_with(Prompt::Ids(ids))
+        };
+        let e = request(vec![]).unwrap_err();
+        assert_eq!(e.errors[0].message, "prompt must be 1 to 32768 token ids (got 0)");
+        let valid = request(vec![15496, 50257, 70000]).unwrap();
+        let errors = valid.prompt.id_errors(50257);
+        assert_eq!(
+            errors.iter().map(|e| e.message.as_str()).collect::<Vec<_>>(),
+            ["prompt[1]: token id 50257 is not below the vocabulary size 50257"]
+        );
+        assert!(request(vec![0, 50256]).unwrap().prompt.id_errors(50257).is_empty());
+        assert!(Prompt::Text("x".into()).id_errors(1).is_empty());
+    }
+
+    #[test]
     fn execute_leaves_the_engine_options_off() {
         assert_eq!(validate(base()).unwrap().engine, EngineOptions::default());
         let v = serde_json::json!({"job_id": "j", "prompt": "x", "max_tokens": 1, "presence_penalty": 1.0, "logit_bias": {"5": 3}, "ignore_eos": true});

@@ -128,12 +128,12 @@ async fn a_streamed_completion_concatenates_to_the_same_text_then_done() {
     let data = chunks(&stack, body).await;
     assert_eq!(data.last().unwrap(), &Value::String("[DONE]".into()));
     let objects = &data[..data.len() - 1];
-    let (usage_chunk, chunks) = objects.split_last().unwrap();
+    let (usage_chunk, parts) = objects.split_last().unwrap();
     assert_eq!(usage_chunk["choices"], json!([]));
     assert_eq!(usage_chunk["usage"]["completion_tokens"], 24);
-    let text: String = chunks.iter().map(|c| c["choices"][0]["text"].as_str().unwrap()).collect();
+    let text: String = parts.iter().map(|c| c["choices"][0]["text"].as_str().unwrap()).collect();
     assert_eq!(text, want);
-    let (last, tokens) = chunks.split_last().unwrap();
+    let (last, tokens) = parts.split_last().unwrap();
     assert_eq!(last["choices"][0]["finish_reason"], "length");
     assert!(
         tokens.iter().all(|c| c["choices"][0]["finish_reason"].is_null() && c["usage"].is_null())
@@ -252,8 +252,8 @@ async fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
             .send()
     };
     let cases: Vec<(reqwest::Response, u16, Option<&str>, &str)> = vec![
-        (raw("{\"prompt\": \"Hi\"").await, 400, None, "not valid JSON"),
-        (raw("[1, 2]").await, 400, None, "JSON object"),
+        (raw("{\"prompt\": \"Hi\"").await.unwrap(), 400, None, "not valid JSON"),
+        (raw("[1, 2]").await.unwrap(), 400, None, "JSON object"),
         (
             post(&stack, "/v1/completions", json!({"prompt": "Hi", "temperature": "warm"})).await,
             400,
@@ -487,5 +487,36 @@ async fn admission_is_shared_with_execute_429_with_retry_after() {
     let m = http().get(stack.url("/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(m.contains("llorch_requests_total{outcome=\"overloaded\"} 1"), "{m}");
     assert!(m.contains("llorch_requests_total{outcome=\"ok\"} 2"), "{m}");
+    stack.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_before_a_whole_completion_cancels_its_job() {
+    use tokio::io::AsyncWriteExt;
+    let stack = stack().await;
+    let body = json!({"prompt": "Hello.", "max_tokens": 1000, "temperature": 0}).to_string();
+    let mut conn = tokio::net::TcpStream::connect(stack.gateway.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: llorch\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(format!("{head}{body}").as_bytes()).await.unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    while engine_running(&stack).await != 1 {
+        assert!(Instant::now() < until, "the job never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(conn);
+    wait_engine_idle(&stack).await;
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = http().get(stack.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        if m.contains("outcome=\"client_gone\"") {
+            assert!(!m.contains("outcome=\"ok\""), "the job ran to its end: {m}");
+            break;
+        }
+        assert!(Instant::now() < until, "{m}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     stack.stop().await.unwrap();
 }
