@@ -520,3 +520,30 @@ async fn a_client_that_leaves_before_a_whole_completion_cancels_its_job() {
     }
     stack.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn an_engine_that_is_down_gives_503_in_openai_shape() {
+    let tokenizer = llorch_e2e::start_tokenizer(|_| {}).await.unwrap();
+    tokenizer.wait_serving(llorch_proto::TOKENIZER_SERVICE).await.unwrap();
+    // A real process: killing it closes every connection, as a crash does.
+    let engine = llorch_e2e::EngineProcess::spawn(0, &llorch_e2e::default_model()).unwrap();
+    let config = llorch_gateway::GatewayConfig::new(tokenizer.url(), engine.url());
+    let gateway = llorch_e2e::Service::spawn(move |l, s| llorch_gateway::server::run(config, l, s))
+        .await
+        .unwrap();
+    let url = |path: &str| format!("{}{path}", gateway.url());
+    llorch_e2e::wait_http_ok(&url("/health")).await.unwrap();
+    let complete = || {
+        http().post(url("/v1/completions")).json(&json!({"prompt": "Hi", "max_tokens": 2})).send()
+    };
+    assert_eq!(complete().await.unwrap().status(), 200);
+    drop(engine); // SIGKILL
+    let resp = complete().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "server_error", "{body}");
+    assert_eq!(body["error"]["code"], "worker_unhealthy", "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("engine"), "{body}");
+    gateway.stop().await.unwrap();
+    tokenizer.stop().await.unwrap();
+}
