@@ -1,5 +1,5 @@
 # The one gate, the same locally and in CI (.ci/run calls `make check`).
-.PHONY: check fmt clippy test doc-test build run fixtures docker-test
+.PHONY: check fmt clippy test doc-test build run fixtures clients docker-test
 
 CARGO ?= cargo
 
@@ -25,6 +25,12 @@ fixtures:
 	python3 scripts/gen_tokenizer_corpus.py
 	python3 scripts/gen_reference.py
 	python3 scripts/gen_sampling_reference.py
+
+# The Python clients (official `openai` client tests, gRPC example) against the three real
+# services; needs `.ci/setup --test` (the venv) and a built workspace. Run by .ci/run.
+clients:
+	$(CARGO) build --workspace --locked -q
+	clients/run.sh
 
 # The container test: builds the image offline (deploy/build-offline.sh) and drives the compose
 # stack through its published port (needs Docker and docker-compose; see deploy/test_compose.py).

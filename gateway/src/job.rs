@@ -30,7 +30,7 @@ use crate::metrics::Outcome;
 use crate::state::{AppState, JobGuard};
 use crate::stop::{Released, StopMatcher};
 use crate::upstream::CallContext;
-use crate::validate::{ModelLimits, ValidExecute, ValidGenerate, ValidationErrors};
+use crate::validate::{ModelLimits, Prompt, ValidExecute, ValidGenerate, ValidationErrors};
 
 /// Events buffered per job before it waits for the client.
 const EVENT_BUFFER: usize = 64;
@@ -47,19 +47,35 @@ pub enum JobEvent {
         model: String,
         /// When it started.
         at: OffsetDateTime,
+        /// The prompt's token ids (as tokenized, or as given).
+        prompt_ids: Vec<u32>,
     },
     /// One generated token.
     Token {
         /// 0-based index of the generated token.
         index: u32,
+        /// The token id.
+        id: u32,
         /// The text this token released: empty while a character is incomplete or text is held
         /// back for a possible stop string.
         text: String,
+        /// Its logprob and the top alternatives, when the request asked for logprobs.
+        logprobs: Option<TokenLogprobs>,
     },
     /// Generation finished.
     End(Summary),
     /// The job failed, was cancelled or ran out of time.
     Failed(GatewayError),
+}
+
+/// A generated token's log-probability under the raw model distribution, and the most likely
+/// tokens at its step (most likely first; as many as the request asked for).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    /// The token's logprob.
+    pub logprob: f32,
+    /// `(id, logprob)` of the most likely tokens.
+    pub top: Vec<(u32, f32)>,
 }
 
 /// How a finished generation ended.
@@ -213,21 +229,15 @@ async fn open(
     let deadline = received + app.config.request_timeout();
 
     let mut tokenizer = app.upstreams.tokenizer.clone();
-    let encode = tpb::EncodeRequest { text: request.prompt.clone(), add_special_tokens: false };
-    let encode_span = telemetry::client_span("llorch.tokenizer.v1.Tokenizer/Encode");
-    let prompt_ids = tokenizer
-        .encode(ctx.request(encode))
-        .instrument(encode_span.clone())
-        .await
-        .map_err(|e| {
-            telemetry::grpc_status(&encode_span, e.code() as i32, e.message());
-            GatewayError::from_status("tokenizer", &e)
-        })?
-        .into_inner()
-        .ids;
-    telemetry::grpc_status(&encode_span, 0, "");
-    drop(encode_span);
+    let prompt_ids = match &request.prompt {
+        Prompt::Text(text) => encode(&mut tokenizer, &ctx, text.clone()).await?,
+        Prompt::Ids(ids) => ids.clone(),
+    };
     let facts = app.facts().await?;
+    let id_errors = request.prompt.id_errors(facts.vocab_size);
+    if !id_errors.is_empty() {
+        return Err(ValidationErrors { errors: id_errors }.into());
+    }
     telemetry::attribute(&span, "gen_ai.request.model", facts.model.clone());
     telemetry::attribute(&span, "gen_ai.usage.input_tokens", prompt_ids.len() as i64);
     let limits = ModelLimits { n_ctx: facts.n_ctx, max_new_tokens: facts.max_new_tokens_limit };
@@ -265,6 +275,7 @@ async fn open(
         model: facts.model,
         received,
         deadline,
+        prompt_ids,
         prompt_tokens,
         tokens_out: 0,
         first_token: None,
@@ -275,6 +286,28 @@ async fn open(
         _permit: permit,
     };
     Ok((job, rx))
+}
+
+/// The tokenizer's `Encode` of a text prompt.
+async fn encode(
+    tokenizer: &mut crate::upstream::Tokenizer,
+    ctx: &CallContext,
+    text: String,
+) -> Result<Vec<u32>, GatewayError> {
+    let encode = tpb::EncodeRequest { text, add_special_tokens: false };
+    let span = telemetry::client_span("llorch.tokenizer.v1.Tokenizer/Encode");
+    let ids = tokenizer
+        .encode(ctx.request(encode))
+        .instrument(span.clone())
+        .await
+        .map_err(|e| {
+            telemetry::grpc_status(&span, e.code() as i32, e.message());
+            GatewayError::from_status("tokenizer", &e)
+        })?
+        .into_inner()
+        .ids;
+    telemetry::grpc_status(&span, 0, "");
+    Ok(ids)
 }
 
 /// The engine's `Generate` request for `request` with the tokenized prompt.
@@ -299,8 +332,8 @@ fn engine_request(request: &ValidExecute, prompt_ids: Vec<u32>) -> epb::Generate
             stop_token_ids: engine.stop_token_ids.clone(),
             ignore_eos: engine.ignore_eos,
         }),
-        logprobs: false,
-        top_logprobs: 0,
+        logprobs: engine.logprobs.is_some(),
+        top_logprobs: engine.logprobs.unwrap_or(0),
     }
 }
 
@@ -321,6 +354,8 @@ struct Job {
     model: String,
     received: Instant,
     deadline: Instant,
+    /// The prompt's ids, for the `Started` event (then empty).
+    prompt_ids: Vec<u32>,
     /// Prompt tokens.
     prompt_tokens: u32,
     /// Token events sent so far.
@@ -380,6 +415,7 @@ impl Job {
             job_id: self.request.job_id.clone(),
             model: self.model.clone(),
             at: OffsetDateTime::now_utc(),
+            prompt_ids: std::mem::take(&mut self.prompt_ids),
         };
         let ending = if self.events.send(started).await.is_err() {
             Ending::ClientGone
@@ -511,7 +547,11 @@ impl Job {
             }
             Released::Stop { text, matched } => (text, Some(matched)),
         };
-        let event = JobEvent::Token { index: t.index, text };
+        let logprobs = self.request.engine.logprobs.map(|_| TokenLogprobs {
+            logprob: t.logprob,
+            top: t.top_logprobs.iter().map(|top| (top.id, top.logprob)).collect(),
+        });
+        let event = JobEvent::Token { index: t.index, id: t.id, text, logprobs };
         self.events.send(event).await.map_err(|_| Ending::ClientGone)?;
         self.tokens_out += 1;
         let now = Instant::now();

@@ -1,5 +1,6 @@
 //! The llorch gateway: the llama-orch worker HTTP/SSE API (`/health`, `/execute`, `/cancel`,
-//! `/metrics`) over the tokenizer and engine gRPC services.
+//! `/metrics`) over the tokenizer and engine gRPC services, and OpenAI-compatible completions
+//! beside it ([`openai`]).
 
 pub mod callback;
 pub mod config;
@@ -10,6 +11,7 @@ pub mod error;
 pub mod execute;
 pub mod job;
 pub mod metrics;
+pub mod openai;
 pub mod server;
 pub mod sse;
 pub mod state;

@@ -1,4 +1,5 @@
-//! The HTTP server: routes, `/health`, `/cancel`, `/metrics`, and [`run`].
+//! The HTTP server: routes, `/health`, `/cancel`, `/metrics`, and [`run`]; the
+//! OpenAI-compatible routes are [`crate::openai`]'s.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -32,6 +33,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/cancel", post(cancel))
         .route("/cancel/{job_id}", post(cancel_by_path))
         .route("/metrics", get(metrics))
+        .merge(crate::openai::routes())
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn(crate::correlation::layer))
         .layer(

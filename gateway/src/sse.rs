@@ -95,14 +95,14 @@ impl SseEvent {
 impl From<JobEvent> for SseEvent {
     fn from(event: JobEvent) -> Self {
         match event {
-            JobEvent::Started { job_id, model, at } => Self::Started {
+            JobEvent::Started { job_id, model, at, prompt_ids: _ } => Self::Started {
                 job_id,
                 model,
                 started_at: at
                     .format(&time::format_description::well_known::Rfc3339)
                     .unwrap_or_default(),
             },
-            JobEvent::Token { index, text } => Self::Token { t: text, i: index },
+            JobEvent::Token { index, text, .. } => Self::Token { t: text, i: index },
             JobEvent::End(s) => Self::End {
                 tokens_out: s.tokens_out,
                 tokens_in: s.tokens_in,
@@ -136,7 +136,7 @@ mod tests {
         // 2024-05-06T07:08:09.5Z
         let at =
             time::OffsetDateTime::from_unix_timestamp_nanos(1_714_979_289_500_000_000).unwrap();
-        JobEvent::Started { job_id: "job-1".into(), model: "gpt2".into(), at }
+        JobEvent::Started { job_id: "job-1".into(), model: "gpt2".into(), at, prompt_ids: vec![1] }
     }
 
     fn end(stop_sequence: Option<&str>) -> JobEvent {
@@ -165,7 +165,7 @@ mod tests {
                 r#"{"job_id":"job-1","model":"gpt2","started_at":"2024-05-06T07:08:09.5Z","type":"started"}"#,
             ),
             (
-                JobEvent::Token { index: 3, text: "é \"x\"\n".into() },
+                JobEvent::Token { index: 3, id: 7, text: "é \"x\"\n".into(), logprobs: None },
                 "token",
                 r#"{"i":3,"t":"é \"x\"\n","type":"token"}"#,
             ),
@@ -216,7 +216,8 @@ mod tests {
     #[tokio::test]
     async fn the_stream_frames_each_event_with_its_name_and_data() {
         let (tx, rx) = mpsc::channel(4);
-        tx.send(JobEvent::Token { index: 0, text: "Hi".into() }).await.unwrap();
+        let hi = JobEvent::Token { index: 0, id: 17250, text: "Hi".into(), logprobs: None };
+        tx.send(hi).await.unwrap();
         tx.send(end(None)).await.unwrap();
         drop(tx);
         let body = stream(rx).into_response().into_body();

@@ -51,13 +51,45 @@ pub struct ExecuteRequest {
     pub stop: Vec<String>,
 }
 
+/// Most prompt token ids (a prompt given as ids; the model's context is the real limit).
+pub const MAX_PROMPT_IDS: usize = MAX_PROMPT_CHARS;
+/// Most top alternatives per token (`logprobs`; the engine's `top_logprobs` limit).
+pub const MAX_TOP_LOGPROBS: u32 = 5;
+
+/// A prompt: text to tokenize, or token ids as they are (OpenAI's token-id prompts).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prompt {
+    /// 1..=32768 characters, tokenized by the tokenizer service.
+    Text(String),
+    /// 1..=32768 ids, each checked against the vocabulary once it is known.
+    Ids(Vec<u32>),
+}
+
+impl Prompt {
+    /// The error of an id prompt with an id not below `vocab_size`.
+    pub fn id_errors(&self, vocab_size: u32) -> Vec<FieldError> {
+        let Self::Ids(ids) = self else { return Vec::new() };
+        let Some((i, id)) = ids.iter().enumerate().find(|&(_, &id)| id >= vocab_size) else {
+            return Vec::new();
+        };
+        vec![FieldError {
+            field: "prompt".into(),
+            constraint: format!("token_id(0..{vocab_size})"),
+            message: format!(
+                "prompt[{i}]: token id {id} is not below the vocabulary size {vocab_size}"
+            ),
+            value: Some(id.to_string()),
+        }]
+    }
+}
+
 /// A request that passed validation: nothing optional left.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidExecute {
     /// Non-empty job id.
     pub job_id: String,
-    /// 1..=32768 characters.
-    pub prompt: String,
+    /// 1..=32768 characters, or 1..=32768 token ids.
+    pub prompt: Prompt,
     /// 1..=2048.
     pub max_tokens: u32,
     /// 0.0..=2.0.
@@ -94,6 +126,9 @@ pub struct EngineOptions {
     pub ignore_eos: bool,
     /// Ids that end generation once generated (the id is part of the output).
     pub stop_token_ids: Vec<u32>,
+    /// Report each generated token's logprob and this many most likely alternatives
+    /// (0..=5); `None`: no logprobs.
+    pub logprobs: Option<u32>,
 }
 
 impl EngineOptions {
@@ -135,6 +170,10 @@ impl EngineOptions {
                 ),
                 value: Some(id.to_string()),
             });
+        }
+        if let Some(n) = self.logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
+            let max = i64::from(MAX_TOP_LOGPROBS);
+            errors.push(int_range_error("logprobs", i64::from(n), 0, max, ""));
         }
         errors
     }
@@ -227,7 +266,14 @@ fn check_float(
 
 impl ExecuteRequest {
     /// Checks every field; returns all failures at once.
-    pub fn validate(self) -> Result<ValidExecute, ValidationErrors> {
+    pub fn validate(mut self) -> Result<ValidExecute, ValidationErrors> {
+        let prompt = Prompt::Text(std::mem::take(&mut self.prompt));
+        self.validate_with(prompt)
+    }
+
+    /// The checks of [`Self::validate`] with `prompt` (text or token ids) in place of the
+    /// `prompt` field, for routes whose prompt may be token ids.
+    pub fn validate_with(self, prompt: Prompt) -> Result<ValidExecute, ValidationErrors> {
         let mut errors = Vec::new();
         if self.job_id.is_empty() {
             errors.push(FieldError {
@@ -237,14 +283,15 @@ impl ExecuteRequest {
                 value: Some(String::new()),
             });
         }
-        let chars = self.prompt.chars().count();
-        if !(1..=MAX_PROMPT_CHARS).contains(&chars) {
+        let (len, max, unit) = match &prompt {
+            Prompt::Text(text) => (text.chars().count(), MAX_PROMPT_CHARS, "characters long"),
+            Prompt::Ids(ids) => (ids.len(), MAX_PROMPT_IDS, "token ids"),
+        };
+        if !(1..=max).contains(&len) {
             errors.push(FieldError {
                 field: "prompt".into(),
-                constraint: format!("length(1..={MAX_PROMPT_CHARS})"),
-                message: format!(
-                    "prompt must be 1 to {MAX_PROMPT_CHARS} characters long (got {chars})"
-                ),
+                constraint: format!("length(1..={max})"),
+                message: format!("prompt must be 1 to {max} {unit} (got {len})"),
                 value: None,
             });
         }
@@ -292,7 +339,7 @@ impl ExecuteRequest {
         }
         Ok(ValidExecute {
             job_id: self.job_id,
-            prompt: self.prompt,
+            prompt,
             max_tokens: self.max_tokens as u32,
             temperature,
             seed: self.seed.unwrap_or(42),
@@ -489,6 +536,25 @@ mod tests {
     }
 
     #[test]
+    fn an_id_prompt_is_checked_for_length_then_against_the_vocabulary() {
+        let request = |ids: Vec<u32>| {
+            serde_json::from_value::<ExecuteRequest>(base())
+                .unwrap()
+                .validate_with(Prompt::Ids(ids))
+        };
+        let e = request(vec![]).unwrap_err();
+        assert_eq!(e.errors[0].message, "prompt must be 1 to 32768 token ids (got 0)");
+        let valid = request(vec![15496, 50257, 70000]).unwrap();
+        let errors = valid.prompt.id_errors(50257);
+        assert_eq!(
+            errors.iter().map(|e| e.message.as_str()).collect::<Vec<_>>(),
+            ["prompt[1]: token id 50257 is not below the vocabulary size 50257"]
+        );
+        assert!(request(vec![0, 50256]).unwrap().prompt.id_errors(50257).is_empty());
+        assert!(Prompt::Text("x".into()).id_errors(1).is_empty());
+    }
+
+    #[test]
     fn execute_leaves_the_engine_options_off() {
         assert_eq!(validate(base()).unwrap().engine, EngineOptions::default());
         let v = serde_json::json!({"job_id": "j", "prompt": "x", "max_tokens": 1, "presence_penalty": 1.0, "logit_bias": {"5": 3}, "ignore_eos": true});
@@ -504,6 +570,7 @@ mod tests {
             logit_bias: [(0, -100.0), (50256, 100.0)].into(),
             ignore_eos: true,
             stop_token_ids: vec![50256],
+            logprobs: Some(5),
         };
         assert!(ok.errors(50257).is_empty());
         let bad = EngineOptions {
@@ -512,6 +579,7 @@ mod tests {
             logit_bias: [(7, 150.0), (50257, 1.0)].into(),
             ignore_eos: false,
             stop_token_ids: vec![1, 60000],
+            logprobs: Some(6),
         };
         let got: Vec<(String, String, String)> =
             bad.errors(50257).into_iter().map(|e| (e.field, e.constraint, e.message)).collect();
@@ -541,6 +609,7 @@ mod tests {
                 "token_id(0..50257)",
                 "stop_token_ids: 60000 is not below the vocabulary size 50257",
             ),
+            ("logprobs", "range(0..=5)", "logprobs must be at most 5 (got 6)"),
         ];
         assert_eq!(got, want.map(|(a, b, c)| (a.to_owned(), b.to_owned(), c.to_owned())));
     }
