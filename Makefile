@@ -25,6 +25,7 @@ fixtures:
 	python3 scripts/gen_tokenizer_corpus.py
 	python3 scripts/gen_reference.py
 	python3 scripts/gen_sampling_reference.py
+	python3 scripts/check_random_model.py
 
 # The Python clients (official `openai` client tests, gRPC example) against the three real
 # services; needs `.ci/setup --test` (the venv) and a built workspace. Run by .ci/run.
