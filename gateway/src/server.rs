@@ -173,7 +173,7 @@ async fn metrics(State(app): State<Arc<AppState>>) -> Response {
         Err(_) => (f64::NAN, f64::NAN),
     };
     let text = app.metrics.render(&[
-        ("llorch_in_flight_requests", "Execute streams open in the gateway.", in_flight),
+        ("llorch_in_flight_requests", "Generation jobs open in the gateway.", in_flight),
         ("llorch_queue_depth", "Requests waiting in the engine for a batch slot.", waiting),
         ("llorch_engine_running", "Sequences the engine is prefilling or decoding.", running),
     ]);
