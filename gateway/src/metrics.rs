@@ -47,7 +47,8 @@ impl Histogram {
     }
 }
 
-/// How one `/execute` request ended: the `outcome` label of `llorch_requests_total`.
+/// How one generation request (`/execute` or `/v1/completions`) ended: the `outcome` label of
+/// `llorch_requests_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     /// Generation ended by `max_tokens` or end of text.
@@ -127,7 +128,7 @@ impl Metrics {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "# HELP llorch_requests_total Execute requests by outcome.\n# TYPE llorch_requests_total counter"
+            "# HELP llorch_requests_total Generation requests (/execute and /v1/completions) by outcome.\n# TYPE llorch_requests_total counter"
         );
         for (k, v) in self.outcomes.lock().map(|m| m.clone()).unwrap_or_default() {
             let _ = writeln!(out, "llorch_requests_total{{outcome=\"{k}\"}} {v}");

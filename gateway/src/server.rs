@@ -195,7 +195,7 @@ async fn metrics(State(app): State<Arc<AppState>>) -> Response {
             .fold((0.0, 0.0), |(w, r), i| (w + f64::from(i.waiting), r + f64::from(i.running)))
     };
     let text = app.metrics.render(&[
-        ("llorch_in_flight_requests", "Execute streams open in the gateway.", in_flight),
+        ("llorch_in_flight_requests", "Generation jobs open in the gateway.", in_flight),
         ("llorch_queue_depth", "Requests waiting in the engine for a batch slot.", waiting),
         ("llorch_engine_running", "Sequences the engine is prefilling or decoding.", running),
     ]);
