@@ -229,8 +229,8 @@ async fn one_execute_is_one_trace_across_the_three_services() {
     let decode = one(&spans, ENGINE, "decode");
     assert_eq!(decode.int("steps"), end["tokens_out"].as_i64().unwrap() - 1);
     assert_eq!(one(&spans, ENGINE, "prefill").int("chunks"), 1);
-    let last_phase_end = decode.span.end_time_unix_nano;
-    assert!(generate.span.end_time_unix_nano >= last_phase_end);
+    // (Generate ends at the stream's last poll, decode when the scheduler lets the sequence go:
+    // either may come first by a few microseconds, so their end times are not compared.)
 }
 
 #[tokio::test]
