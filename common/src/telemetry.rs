@@ -441,6 +441,22 @@ pub fn client_span(method: &'static str) -> tracing::Span {
     span
 }
 
+/// Runs the gRPC call `call` to `method` inside a new [`client_span`] and records a failed
+/// call's status on it. The span is returned for what comes after: a unary caller records
+/// status 0 on it at once ([`grpc_status`]), a streaming caller when its stream ends.
+pub async fn client_call<T>(
+    method: &'static str,
+    call: impl std::future::Future<Output = Result<T, tonic::Status>>,
+) -> (tracing::Span, Result<T, tonic::Status>) {
+    use tracing::Instrument;
+    let span = client_span(method);
+    let result = call.instrument(span.clone()).await;
+    if let Err(status) = &result {
+        grpc_status(&span, status.code() as i32, status.message());
+    }
+    (span, result)
+}
+
 /// `rpc.system`, `rpc.service` and `rpc.method` of a `package.Service/Method` name.
 pub fn rpc_attributes(span: &tracing::Span, full_method: &str) {
     if !enabled() {

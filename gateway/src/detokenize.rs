@@ -7,7 +7,6 @@ use llorch_proto::tokenizer::v1 as tpb;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
-use tracing::Instrument;
 
 use crate::error::{ErrorKind, GatewayError};
 use crate::upstream::{CallContext, Tokenizer};
@@ -28,16 +27,12 @@ impl Detokenizer {
     /// Opens the stream.
     pub async fn open(tokenizer: &mut Tokenizer, ctx: &CallContext) -> Result<Self, GatewayError> {
         let (ids, rx) = mpsc::channel(16);
-        let span = telemetry::client_span(METHOD);
-        let text = tokenizer
-            .decode_stream(ctx.request(ReceiverStream::new(rx)))
-            .instrument(span.clone())
-            .await
-            .map_err(|e| {
-                telemetry::grpc_status(&span, e.code() as i32, e.message());
-                GatewayError::from_status("tokenizer", &e)
-            })?
-            .into_inner();
+        let (span, called) = telemetry::client_call(
+            METHOD,
+            tokenizer.decode_stream(ctx.request(ReceiverStream::new(rx))),
+        )
+        .await;
+        let text = called.map_err(|e| GatewayError::from_status("tokenizer", &e))?.into_inner();
         Ok(Self { ids: Some(ids), text, span })
     }
 

@@ -251,14 +251,12 @@ async fn open(
         r.set_timeout(deadline.saturating_duration_since(Instant::now()));
         r
     };
-    let generate_span = telemetry::client_span("llorch.engine.v1.Engine/Generate");
-    let (lease, stream) =
-        app.upstreams.engines.generate(generate).instrument(generate_span.clone()).await.map_err(
-            |e| {
-                telemetry::grpc_status(&generate_span, e.code() as i32, e.message());
-                GatewayError::from_status("engine", &e)
-            },
-        )?;
+    let (generate_span, called) = telemetry::client_call(
+        "llorch.engine.v1.Engine/Generate",
+        app.upstreams.engines.generate(generate),
+    )
+    .await;
+    let (lease, stream) = called.map_err(|e| GatewayError::from_status("engine", &e))?;
     app.metrics.prompt_tokens.fetch_add(u64::from(prompt_tokens), Ordering::Relaxed);
 
     let (events, rx) = mpsc::channel(EVENT_BUFFER);
@@ -295,17 +293,12 @@ async fn encode(
     text: String,
 ) -> Result<Vec<u32>, GatewayError> {
     let encode = tpb::EncodeRequest { text, add_special_tokens: false };
-    let span = telemetry::client_span("llorch.tokenizer.v1.Tokenizer/Encode");
-    let ids = tokenizer
-        .encode(ctx.request(encode))
-        .instrument(span.clone())
-        .await
-        .map_err(|e| {
-            telemetry::grpc_status(&span, e.code() as i32, e.message());
-            GatewayError::from_status("tokenizer", &e)
-        })?
-        .into_inner()
-        .ids;
+    let (span, called) = telemetry::client_call(
+        "llorch.tokenizer.v1.Tokenizer/Encode",
+        tokenizer.encode(ctx.request(encode)),
+    )
+    .await;
+    let ids = called.map_err(|e| GatewayError::from_status("tokenizer", &e))?.into_inner().ids;
     telemetry::grpc_status(&span, 0, "");
     Ok(ids)
 }
@@ -576,13 +569,9 @@ impl Job {
         // reaches it when the stream's cancellation is slow to propagate.
         self.engine = None;
         self.detokenizer.close();
-        let span = telemetry::client_span("llorch.engine.v1.Engine/Abort");
-        match engine.abort(req).instrument(span.clone()).await {
-            Ok(_) => telemetry::grpc_status(&span, 0, ""),
-            Err(status) => {
-                telemetry::grpc_status(&span, status.code() as i32, status.message());
-                tracing::debug!(%status, "abort after the stream ended");
-            }
+        match telemetry::client_call("llorch.engine.v1.Engine/Abort", engine.abort(req)).await {
+            (span, Ok(_)) => telemetry::grpc_status(&span, 0, ""),
+            (_, Err(status)) => tracing::debug!(%status, "abort after the stream ended"),
         }
     }
 }

@@ -72,14 +72,7 @@ impl Prompt {
         let Some((i, id)) = ids.iter().enumerate().find(|&(_, &id)| id >= vocab_size) else {
             return Vec::new();
         };
-        vec![FieldError {
-            field: "prompt".into(),
-            constraint: format!("token_id(0..{vocab_size})"),
-            message: format!(
-                "prompt[{i}]: token id {id} is not below the vocabulary size {vocab_size}"
-            ),
-            value: Some(id.to_string()),
-        }]
+        vec![token_id_error("prompt", &format!("prompt[{i}]: token id"), *id, vocab_size)]
     }
 }
 
@@ -145,14 +138,7 @@ impl EngineOptions {
         }
         for (&id, &bias) in &self.logit_bias {
             if id >= vocab_size {
-                errors.push(FieldError {
-                    field: "logit_bias".into(),
-                    constraint: format!("token_id(0..{vocab_size})"),
-                    message: format!(
-                        "logit_bias token {id} is not below the vocabulary size {vocab_size}"
-                    ),
-                    value: Some(id.to_string()),
-                });
+                errors.push(token_id_error("logit_bias", "logit_bias token", id, vocab_size));
             }
             let bias = f64::from(bias);
             if !(-MAX_LOGIT_BIAS..=MAX_LOGIT_BIAS).contains(&bias) {
@@ -162,14 +148,7 @@ impl EngineOptions {
             }
         }
         if let Some(id) = self.stop_token_ids.iter().find(|&&id| id >= vocab_size) {
-            errors.push(FieldError {
-                field: "stop_token_ids".into(),
-                constraint: format!("token_id(0..{vocab_size})"),
-                message: format!(
-                    "stop_token_ids: {id} is not below the vocabulary size {vocab_size}"
-                ),
-                value: Some(id.to_string()),
-            });
+            errors.push(token_id_error("stop_token_ids", "stop_token_ids:", *id, vocab_size));
         }
         if let Some(n) = self.logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
             let max = i64::from(MAX_TOP_LOGPROBS);
@@ -223,6 +202,16 @@ pub struct ValidationErrors {
 impl IntoResponse for ValidationErrors {
     fn into_response(self) -> Response {
         (StatusCode::BAD_REQUEST, axum::Json(self)).into_response()
+    }
+}
+
+/// A token id of `field` not below `vocab_size`; the message starts with `what`.
+fn token_id_error(field: &str, what: &str, id: u32, vocab_size: u32) -> FieldError {
+    FieldError {
+        field: field.into(),
+        constraint: format!("token_id(0..{vocab_size})"),
+        message: format!("{what} {id} is not below the vocabulary size {vocab_size}"),
+        value: Some(id.to_string()),
     }
 }
 
