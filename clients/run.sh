@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Starts the three real services (the debug binaries of this build, models/default) on free
-# local ports, runs the Python clients against them (the official `openai` client's tests and
+# Starts the three real services (the debug binaries of this build; the engine on the tiny
+# test model fixtures/models/tiny, the tokenizer on models/default) on free local ports, runs the Python clients against them (the official `openai` client's tests and
 # the gRPC example), then stops them. Needs the venv `.ci/setup --test` makes (.venv-clients)
 # and a built workspace (`cargo build --workspace`). Usage: clients/run.sh  (or `make clients`)
 set -euo pipefail
@@ -31,7 +31,7 @@ trap cleanup EXIT
 
 "$bin/llorch-tokenizer" serve --model models/default --port "$tok_port" >"$logs/tokenizer.log" 2>&1 &
 pids+=($!)
-"$bin/llorch-engine" serve --model models/default --port "$eng_port" --threads 1 >"$logs/engine.log" 2>&1 &
+"$bin/llorch-engine" serve --model fixtures/models/tiny --port "$eng_port" --threads 1 >"$logs/engine.log" 2>&1 &
 pids+=($!)
 "$bin/llorch-gateway" --port "$gw_port" --tokenizer-url "http://127.0.0.1:$tok_port" \
     --engine-url "http://127.0.0.1:$eng_port" >"$logs/gateway.log" 2>&1 &

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Reference values for the engine's sampling pipeline, from Hugging Face `transformers`.
 
-Reads the committed `tiny` model (models/default, written by gen_reference.py) and writes
+Reads the committed `tiny` model (fixtures/models/tiny, written by gen_reference.py) and writes
 fixtures/reference/sampling/ only; nothing else is touched.
 
   logits.npy      (V,) f32: the model's last-position logits for PROMPT + GENERATED, the
@@ -43,7 +43,7 @@ from transformers import (
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL_DIR = os.path.join(ROOT, "models", "default")
+MODEL_DIR = os.path.join(ROOT, "fixtures", "models", "tiny")
 OUT_DIR = os.path.join(ROOT, "fixtures", "reference", "sampling")
 EOS = 50256
 N_NEW = 24
@@ -231,7 +231,7 @@ def main():
     # The history of the processor cases: the plain greedy path, then a few repeats so the
     # frequency penalty sees counts above one.
     plain, _ = hf_greedy(model, PROMPT, {})
-    assert plain == meta["greedy_24"], "models/default no longer gives the committed greedy path"
+    assert plain == meta["greedy_24"], "fixtures/models/tiny no longer gives the committed greedy path"
     generated = plain[:10] + [plain[2], plain[2], plain[5]]
     with torch.no_grad():
         logits = model(torch.tensor([PROMPT + generated]), use_cache=False).logits[0, -1].numpy()
@@ -310,7 +310,7 @@ def main():
         "generator": "scripts/gen_sampling_reference.py",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "numpy": np.__version__},
-        "model": "models/default (tiny)",
+        "model": "fixtures/models/tiny",
         "eos_token_id": EOS,
         "order": ["logit_bias", "repetition_penalty", "frequency_penalty", "presence_penalty",
                   "temperature", "top_k", "top_p", "min_p"],

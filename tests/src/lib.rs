@@ -22,8 +22,16 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// The model folder that ships with the repo.
-pub fn default_model() -> PathBuf {
+/// The model the end-to-end tests serve: the tiny fixed-seed random GPT-2 of
+/// `scripts/gen_reference.py` (`fixtures/models/tiny`: config and weights only), with the
+/// references in `fixtures/reference/tiny`.
+pub fn test_model() -> PathBuf {
+    repo_root().join("fixtures/models/tiny")
+}
+
+/// The GPT-2 tokenizer files (`models/default`, beside the demo model's weights); the
+/// tokenizer service and the tests' own encoding read them.
+pub fn tokenizer_dir() -> PathBuf {
     repo_root().join("models/default")
 }
 
@@ -105,12 +113,12 @@ impl Service {
     }
 }
 
-/// Starts the tokenizer service on the default model with `config` tweaks applied.
+/// Starts the tokenizer service on the GPT-2 tokenizer with `config` tweaks applied.
 pub async fn start_tokenizer(
     tweak: impl FnOnce(&mut llorch_tokenizer::ServeConfig),
 ) -> anyhow::Result<Service> {
     let mut config = llorch_tokenizer::ServeConfig {
-        model: default_model(),
+        model: tokenizer_dir(),
         host: [127, 0, 0, 1].into(),
         port: 0,
         limits: llorch_tokenizer::Limits::default(),
@@ -123,15 +131,49 @@ pub async fn start_tokenizer(
     .await
 }
 
-/// Starts the engine service with `config` tweaks applied (default model, port 0).
+/// Starts the engine service with `config` tweaks applied (the test model, port 0).
 pub async fn start_engine(
     tweak: impl FnOnce(&mut llorch_engine::server::ServeConfig),
 ) -> anyhow::Result<Service> {
-    let mut config = llorch_engine::server::ServeConfig::new(default_model());
+    let mut config = llorch_engine::server::ServeConfig::new(test_model());
     config.threads = 2;
     tweak(&mut config);
     Service::spawn(move |listener, shutdown| llorch_engine::server::run(config, listener, shutdown))
         .await
+}
+
+/// An engine service (the test model) that stays loading until [`LoadingEngine::load`]: its
+/// `config.json` is a FIFO, so the model load blocks reading it.
+pub struct LoadingEngine {
+    /// The service; its health says NOT_SERVING until the load finishes.
+    pub service: Service,
+    fifo: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts an engine whose model load waits for [`LoadingEngine::load`].
+pub async fn start_engine_loading() -> anyhow::Result<LoadingEngine> {
+    let dir = tempfile::tempdir()?;
+    let weights = "model.safetensors";
+    std::fs::copy(test_model().join(weights), dir.path().join(weights))?;
+    let fifo = dir.path().join("config.json");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status()?;
+    anyhow::ensure!(made.success(), "mkfifo {} failed: {made}", fifo.display());
+    let model_dir = dir.path().to_path_buf();
+    let service = start_engine(move |c| c.model = model_dir).await?;
+    Ok(LoadingEngine { service, fifo, _dir: dir })
+}
+
+impl LoadingEngine {
+    /// Lets the load go on (writes the config into the FIFO), waits until the engine serves
+    /// and returns it. (The model folder is removed then: both files have been read.)
+    pub async fn load(self) -> anyhow::Result<Service> {
+        let config = std::fs::read(test_model().join("config.json"))?;
+        let fifo = self.fifo.clone();
+        tokio::task::spawn_blocking(move || std::fs::write(fifo, config)).await??;
+        self.service.wait_serving(llorch_proto::ENGINE_SERVICE).await?;
+        Ok(self.service)
+    }
 }
 
 impl Service {
@@ -397,7 +439,7 @@ pub fn scripted_model(dir: &Path, prompt_len: usize, script: &[u32]) -> anyhow::
         })
         .collect();
     write_safetensors(&dir.join("model.safetensors"), &raw)?;
-    llorch_engine::random::copy_tokenizer_files(&default_model(), dir)?;
+    llorch_engine::random::copy_tokenizer_files(&tokenizer_dir(), dir)?;
     Ok(())
 }
 

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use llorch_e2e::{Service, default_model, repo_root, start_engine};
+use llorch_e2e::{Service, repo_root, start_engine, test_model};
 use llorch_engine::sequence::DEFAULT_PREFILL_CHUNK;
 use llorch_proto::engine::v1::engine_client::EngineClient;
 use llorch_proto::engine::v1::generate_response::Event;
@@ -93,7 +93,7 @@ fn reference_ids(model: &str, prompt: &str) -> (Vec<u32>, Vec<u32>) {
 
 /// The same request run alone by the library, as (ids, logprobs).
 fn alone(req: &GenerateRequest) -> (Vec<u32>, Vec<f32>) {
-    let model = llorch_engine::Gpt2::load(&default_model()).unwrap();
+    let model = llorch_engine::Gpt2::load(&test_model()).unwrap();
     let valid = llorch_engine::validate(req.clone(), model.config(), 2048).unwrap();
     let g = llorch_engine::generate(&model, valid, DEFAULT_PREFILL_CHUNK, |_| {}).unwrap();
     (g.ids(), g.tokens.iter().map(|t| t.logprob).collect())
@@ -126,7 +126,7 @@ async fn greedy_generate_over_grpc_equals_the_library_and_the_hf_reference() {
     let i = info(&mut client).await;
     assert_eq!(
         (i.model.as_str(), i.n_layer, i.n_head, i.n_embd, i.n_ctx, i.vocab_size, i.eos_token_id),
-        ("default", 2, 4, 32, 1024, 50257, 50256)
+        ("tiny", 2, 4, 32, 1024, 50257, 50256)
     );
     assert_eq!(i.dtype, "F32");
     assert_eq!(i.finished.get("LENGTH"), Some(&2));
@@ -510,15 +510,8 @@ async fn after_the_grace_period_running_streams_end_cancelled() {
 async fn health_is_serving_only_once_the_model_is_loaded() {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-    // config.json is a FIFO: loading blocks until the test writes it.
-    let dir = tempfile::tempdir().unwrap();
-    let weights = "model.safetensors";
-    std::fs::copy(default_model().join(weights), dir.path().join(weights)).unwrap();
-    let fifo = dir.path().join("config.json");
-    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
-    let model_dir = dir.path().to_path_buf();
-    let svc = start_engine(move |c| c.model = model_dir).await.unwrap();
-    let mut health = HealthClient::new(svc.channel());
+    let loading = llorch_e2e::start_engine_loading().await.unwrap();
+    let mut health = HealthClient::new(loading.service.channel());
     let status = |s: &str| HealthCheckRequest { service: s.into() };
     let mut check = async |s: &str| loop {
         if let Ok(r) = health.check(status(s)).await {
@@ -528,14 +521,13 @@ async fn health_is_serving_only_once_the_model_is_loaded() {
     };
     assert_eq!(check(llorch_proto::ENGINE_SERVICE).await, ServingStatus::NotServing as i32);
     assert_eq!(check("").await, ServingStatus::Serving as i32, "the process is live while loading");
-    let err = EngineClient::new(svc.channel())
+    let err = EngineClient::new(loading.service.channel())
         .generate(request("early", vec![1], 1, greedy()))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
 
-    let config = std::fs::read(default_model().join("config.json")).unwrap();
-    tokio::task::spawn_blocking(move || std::fs::write(fifo, config)).await.unwrap().unwrap();
+    let svc = loading.load().await.unwrap();
     svc.wait_serving(llorch_proto::ENGINE_SERVICE).await.unwrap();
     svc.stop().await.unwrap();
 }

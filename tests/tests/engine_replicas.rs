@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use llorch_e2e::{EngineProcess, Service, SseReader, default_model, wait_http_ok};
+use llorch_e2e::{EngineProcess, Service, SseReader, test_model, wait_http_ok};
 use llorch_proto::engine::v1::InfoRequest;
 use llorch_proto::engine::v1::engine_client::EngineClient;
 use serde_json::{Value, json};
@@ -54,8 +54,8 @@ async fn started_stream(base: &str, job_id: &str) -> SseReader {
 async fn streams_spread_over_replicas_and_a_dead_one_takes_only_its_own() {
     let tokenizer = llorch_e2e::start_tokenizer(|_| {}).await.unwrap();
     tokenizer.wait_serving(llorch_proto::TOKENIZER_SERVICE).await.unwrap();
-    let a = EngineProcess::spawn(0, &default_model()).unwrap();
-    let b = EngineProcess::spawn(0, &default_model()).unwrap();
+    let a = EngineProcess::spawn(0, &test_model()).unwrap();
+    let b = EngineProcess::spawn(0, &test_model()).unwrap();
     let a_port = a.addr.port();
     let mut config = llorch_gateway::GatewayConfig::new(tokenizer.url(), a.url());
     config.engine_urls.push(b.url());
@@ -100,7 +100,7 @@ async fn streams_spread_over_replicas_and_a_dead_one_takes_only_its_own() {
     }
 
     // The dead replica comes back on its port and takes streams again.
-    let a = EngineProcess::spawn(a_port, &default_model()).unwrap();
+    let a = EngineProcess::spawn(a_port, &test_model()).unwrap();
     wait_engines_up(&base, 2).await;
     let (a_before, b_before) = (finished(&a).await, finished(&b).await);
     let streams = vec![started_stream(&base, "back0").await, started_stream(&base, "back1").await];

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use llorch_e2e::{SseEvent, SseReader, Stack, default_model, repo_root};
+use llorch_e2e::{SseEvent, SseReader, Stack, repo_root, test_model, tokenizer_dir};
 use llorch_proto::engine::v1::InfoRequest;
 use llorch_proto::engine::v1::engine_client::EngineClient;
 use serde_json::{Value, json};
@@ -30,7 +30,7 @@ fn text_of(events: &[SseEvent]) -> String {
 }
 
 fn tokenizer() -> llorch_tokenizer::BpeTokenizer {
-    llorch_tokenizer::BpeTokenizer::from_dir(&default_model()).unwrap()
+    llorch_tokenizer::BpeTokenizer::from_dir(&tokenizer_dir()).unwrap()
 }
 
 fn reference_greedy(prompt: &str) -> Vec<u32> {
@@ -73,7 +73,7 @@ async fn greedy_execute_streams_the_reference_text_with_every_field() {
     let started = &events[0].data;
     assert_eq!(
         (started["job_id"].as_str(), started["model"].as_str()),
-        (Some("job-1"), Some("default"))
+        (Some("job-1"), Some("tiny"))
     );
     let at = started["started_at"].as_str().unwrap();
     assert!(
@@ -116,7 +116,7 @@ async fn health_reports_the_model_and_the_cpu() {
     let h: Value = resp.json().await.unwrap();
     assert_eq!(h["status"], "healthy");
     assert_eq!(h["vram_bytes"], 0);
-    assert_eq!(h["model"], "default");
+    assert_eq!(h["model"], "tiny");
     assert_eq!(h["capabilities"], json!(["text-gen"]));
     assert_eq!(h["protocol"], "sse");
     assert_eq!(h["memory_architecture"], "cpu");
@@ -545,7 +545,7 @@ async fn a_duplicate_running_job_id_is_refused() {
 async fn losing_the_engine_mid_stream_gives_an_error_event_and_503_until_it_returns() {
     let tokenizer = llorch_e2e::start_tokenizer(|_| {}).await.unwrap();
     tokenizer.wait_serving(llorch_proto::TOKENIZER_SERVICE).await.unwrap();
-    let engine = llorch_e2e::EngineProcess::spawn(0, &default_model()).unwrap();
+    let engine = llorch_e2e::EngineProcess::spawn(0, &test_model()).unwrap();
     let port = engine.addr.port();
     let config = llorch_gateway::GatewayConfig::new(tokenizer.url(), engine.url());
     let gateway = llorch_e2e::Service::spawn(move |l, s| llorch_gateway::server::run(config, l, s))
@@ -578,7 +578,7 @@ async fn losing_the_engine_mid_stream_gives_an_error_event_and_503_until_it_retu
     assert_eq!(resp.json::<Value>().await.unwrap()["code"], "WORKER_UNHEALTHY");
 
     // The engine comes back on the same port; the gateway reconnects by itself.
-    let engine = llorch_e2e::EngineProcess::spawn(port, &default_model()).unwrap();
+    let engine = llorch_e2e::EngineProcess::spawn(port, &test_model()).unwrap();
     llorch_e2e::wait_http_ok(&format!("{base}/health")).await.unwrap();
     let resp =
         post(json!({"job_id": "back", "prompt": "Hello.", "max_tokens": 3, "temperature": 0}))

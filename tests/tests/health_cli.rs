@@ -7,7 +7,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use anyhow::Context;
-use llorch_e2e::{SseReader, Stack, default_model, start_engine, start_tokenizer};
+use llorch_e2e::{SseReader, Stack, start_engine_loading, start_tokenizer};
 use serde_json::json;
 
 /// A binary of this build, next to the test executable's `deps/` folder.
@@ -87,21 +87,13 @@ async fn tokenizer_health_is_0_while_serving_and_1_with_the_reason_once_stopped(
 
 #[tokio::test]
 async fn engine_health_is_1_while_the_model_loads_and_0_once_it_serves() {
-    // config.json is a FIFO: loading blocks until the test writes it.
-    let dir = tempfile::tempdir().unwrap();
-    let weights = "model.safetensors";
-    std::fs::copy(default_model().join(weights), dir.path().join(weights)).unwrap();
-    let fifo = dir.path().join("config.json");
-    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
-    let model_dir = dir.path().to_path_buf();
-    let svc = start_engine(move |c| c.model = model_dir).await.unwrap();
-    let url = svc.url();
+    let loading = start_engine_loading().await.unwrap();
+    let url = loading.service.url();
     assert_unhealthy(
         &health("llorch-engine", &url).await,
         &["llorch.engine.v1.Engine", "NOT_SERVING", &url],
     );
-    let config = std::fs::read(default_model().join("config.json")).unwrap();
-    tokio::task::spawn_blocking(move || std::fs::write(fifo, config)).await.unwrap().unwrap();
+    let svc = loading.load().await.unwrap();
     svc.wait_serving(llorch_proto::ENGINE_SERVICE).await.unwrap();
     assert_healthy(&health("llorch-engine", &url).await, "SERVING");
     svc.stop().await.unwrap();

@@ -82,7 +82,7 @@ async fn models_lists_the_served_model_with_its_context_length() {
     assert_eq!(models.len(), 1);
     assert_eq!(
         (models[0]["id"].as_str(), models[0]["object"].as_str()),
-        (Some("default"), Some("model"))
+        (Some("tiny"), Some("model"))
     );
     assert_eq!(models[0]["context_length"], 1024);
     stack.stop().await.unwrap();
@@ -94,17 +94,17 @@ async fn a_greedy_completion_is_the_execute_text_with_usage() {
     let want = execute_text(&stack, "Hello.", 24).await;
     let v = complete(
         &stack,
-        json!({"model": "default", "prompt": "Hello.", "max_tokens": 24, "temperature": 0}),
+        json!({"model": "tiny", "prompt": "Hello.", "max_tokens": 24, "temperature": 0}),
     )
     .await;
     assert_eq!(v["object"], "text_completion");
     assert!(v["id"].as_str().unwrap().starts_with("cmpl-"));
-    assert_eq!(v["model"], "default");
+    assert_eq!(v["model"], "tiny");
     let choice = &v["choices"][0];
     assert_eq!(choice["text"].as_str().unwrap(), want);
     assert_eq!(choice["finish_reason"], "length");
     assert!(choice["logprobs"].is_null());
-    let prompt_tokens = llorch_tokenizer::BpeTokenizer::from_dir(&llorch_e2e::default_model())
+    let prompt_tokens = llorch_tokenizer::BpeTokenizer::from_dir(&llorch_e2e::tokenizer_dir())
         .unwrap()
         .encode("Hello.", false)
         .unwrap()
@@ -216,7 +216,7 @@ async fn a_stop_string_ends_the_text_before_it_with_finish_reason_stop() {
 #[tokio::test]
 async fn a_token_id_prompt_and_echo_give_the_text_prompt_result() {
     let stack = stack().await;
-    let ids = llorch_tokenizer::BpeTokenizer::from_dir(&llorch_e2e::default_model())
+    let ids = llorch_tokenizer::BpeTokenizer::from_dir(&llorch_e2e::tokenizer_dir())
         .unwrap()
         .encode("Hello.", false)
         .unwrap();
@@ -405,7 +405,7 @@ async fn a_context_overflow_names_both_numbers() {
 #[tokio::test]
 async fn tokenize_and_detokenize_round_trip_through_the_tokenizer() {
     let stack = stack().await;
-    let want = llorch_tokenizer::BpeTokenizer::from_dir(&llorch_e2e::default_model())
+    let want = llorch_tokenizer::BpeTokenizer::from_dir(&llorch_e2e::tokenizer_dir())
         .unwrap()
         .encode("Hello, wörld!", false)
         .unwrap();
@@ -526,7 +526,7 @@ async fn an_engine_that_is_down_gives_503_in_openai_shape() {
     let tokenizer = llorch_e2e::start_tokenizer(|_| {}).await.unwrap();
     tokenizer.wait_serving(llorch_proto::TOKENIZER_SERVICE).await.unwrap();
     // A real process: killing it closes every connection, as a crash does.
-    let engine = llorch_e2e::EngineProcess::spawn(0, &llorch_e2e::default_model()).unwrap();
+    let engine = llorch_e2e::EngineProcess::spawn(0, &llorch_e2e::test_model()).unwrap();
     let config = llorch_gateway::GatewayConfig::new(tokenizer.url(), engine.url());
     let gateway = llorch_e2e::Service::spawn(move |l, s| llorch_gateway::server::run(config, l, s))
         .await

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use llorch_common::child_log::ChildLog;
 use llorch_e2e::otlp::{Collector, Got, SpanKind, StatusCode, Value, has, names, one};
-use llorch_e2e::{SseReader, binary, default_model, wait_http_ok};
+use llorch_e2e::{SseReader, binary, test_model, tokenizer_dir, wait_http_ok};
 use llorch_proto::engine::v1 as epb;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -56,11 +56,11 @@ fn spawn(name: &str, args: &[&str], env: &[(&str, String)], listening: &str) -> 
 
 impl Stack {
     fn start(env: &[(&str, String)]) -> Self {
-        let model = default_model();
-        let model = model.to_str().unwrap();
+        let (model, tokenizer) = (test_model(), tokenizer_dir());
+        let (model, tokenizer) = (model.to_str().unwrap(), tokenizer.to_str().unwrap());
         let (tokenizer, tokenizer_url) = spawn(
             "llorch-tokenizer",
-            &["serve", "--port", "0", "--model", model],
+            &["serve", "--port", "0", "--model", tokenizer],
             env,
             "tokenizer service listening",
         );
@@ -135,7 +135,7 @@ async fn execute_trace(collector: &Collector, trace_id: Option<&str>) -> Vec<Got
         .wait_until("complete trace", |s| {
             let complete = [
                 (GATEWAY, "POST /execute"),
-                (GATEWAY, "text_completion default"),
+                (GATEWAY, "text_completion tiny"),
                 (GATEWAY, ENCODE),
                 (GATEWAY, DECODE_STREAM),
                 (GATEWAY, GENERATE),
@@ -181,11 +181,11 @@ async fn one_execute_is_one_trace_across_the_three_services() {
     assert_eq!(server.attr("http.route"), Some(Value::StringValue("/execute".into())));
 
     // The job's span, with the GenAI attributes of the request and of the `end` event.
-    let job = one(&spans, GATEWAY, "text_completion default");
+    let job = one(&spans, GATEWAY, "text_completion tiny");
     assert!(job.is_child_of(server));
     let s = |v: &str| Some(Value::StringValue(v.into()));
     assert_eq!(job.attr("gen_ai.operation.name"), s("text_completion"));
-    assert_eq!(job.attr("gen_ai.request.model"), s("default"));
+    assert_eq!(job.attr("gen_ai.request.model"), s("tiny"));
     assert_eq!(job.int("gen_ai.request.max_tokens"), 5);
     assert_eq!(job.attr("gen_ai.request.temperature"), Some(Value::DoubleValue(0.0)));
     assert_eq!(job.attr("gen_ai.request.top_p"), Some(Value::DoubleValue(f64::from(0.9f32))));
@@ -275,10 +275,10 @@ async fn cancel_and_engine_errors_set_the_span_status() {
     assert_eq!((last.event.as_str(), &last.data["code"]), ("error", &json!("CANCELLED")));
     let spans = collector
         .wait_until("the cancelled job's spans", |s| {
-            has(s, GATEWAY, "text_completion default") && has(s, ENGINE, GENERATE)
+            has(s, GATEWAY, "text_completion tiny") && has(s, ENGINE, GENERATE)
         })
         .await;
-    let job = one(&spans, GATEWAY, "text_completion default");
+    let job = one(&spans, GATEWAY, "text_completion tiny");
     assert_eq!(job.status(), StatusCode::Error);
     assert_eq!(job.attr("error.type"), Some(Value::StringValue("CANCELLED".into())));
     let generate = one(&spans, ENGINE, GENERATE);

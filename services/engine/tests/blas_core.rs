@@ -12,7 +12,7 @@ fn bench(coretype: Option<&str>) -> (serde_json::Value, String) {
     cmd.args([
         "bench",
         "--model",
-        "models/default",
+        "fixtures/models/tiny",
         "--prompt-tokens",
         "8",
         "--new-tokens",

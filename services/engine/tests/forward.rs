@@ -199,7 +199,7 @@ fn chunked_prefill_matches_one_shot_prefill() {
 
 #[test]
 fn generation_is_deterministic_across_runs_and_thread_counts() {
-    let model = Gpt2::load(&root().join("models/default")).unwrap();
+    let model = Gpt2::load(&root().join("fixtures/models/tiny")).unwrap();
     let sampling = SamplingParams {
         temperature: 0.9,
         top_k: 40,
@@ -236,7 +236,7 @@ fn generation_is_deterministic_across_runs_and_thread_counts() {
 
 #[test]
 fn stop_conditions_end_generation() {
-    let model = Gpt2::load(&root().join("models/default")).unwrap();
+    let model = Gpt2::load(&root().join("fixtures/models/tiny")).unwrap();
     let r = Reference::load("tiny", "hello");
     let greedy = r.meta.greedy_24.clone();
     // A stop token: the stream ends with it.
@@ -258,7 +258,7 @@ fn stop_conditions_end_generation() {
 
 #[test]
 fn streamed_events_carry_indexes_and_logprobs() {
-    let model = Gpt2::load(&root().join("models/default")).unwrap();
+    let model = Gpt2::load(&root().join("fixtures/models/tiny")).unwrap();
     let mut events = Vec::new();
     let g = generate(
         &model,

@@ -11,11 +11,11 @@ use llorch_engine::weights::{Weights, expected_shapes};
 use ndarray::{Array2, ArrayD, Ix2, s};
 
 fn tiny_config() -> llorch_engine::ModelConfig {
-    Gpt2Config::from_dir(&root().join("models/default")).unwrap().validate().unwrap()
+    Gpt2Config::from_dir(&root().join("fixtures/models/tiny")).unwrap().validate().unwrap()
 }
 
 fn tiny() -> (Weights, llorch_engine::ModelConfig) {
-    let dir = root().join("models/default");
+    let dir = root().join("fixtures/models/tiny");
     (Weights::load(&dir.join("model.safetensors")).unwrap(), tiny_config())
 }
 

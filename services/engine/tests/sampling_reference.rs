@@ -67,7 +67,7 @@ struct Greedy {
 }
 
 fn tiny_config() -> ModelConfig {
-    *Gpt2::load(&root().join("models/default")).unwrap().config()
+    *Gpt2::load(&root().join("fixtures/models/tiny")).unwrap().config()
 }
 
 fn fixture() -> Fixture {
@@ -195,7 +195,7 @@ fn greedy_request(g: &Greedy) -> pb::GenerateRequest {
 #[test]
 fn greedy_continuations_match_hugging_face_generate() {
     let f = fixture();
-    let model = Gpt2::load(&root().join("models/default")).unwrap();
+    let model = Gpt2::load(&root().join("fixtures/models/tiny")).unwrap();
     let names: Vec<&str> = f.greedy.iter().map(|g| g.name.as_str()).collect();
     for want in ["logit_bias", "presence_frequency", "stop_token_ids", "eos_bias_ignore_eos"] {
         assert!(names.contains(&want), "{want} missing from {names:?}");
@@ -230,7 +230,7 @@ fn ignore_eos_streams_the_eos_token_and_goes_on() {
 
 /// Runs every request in one scheduler batch; returns each stream's ids and finish reason.
 fn batched(requests: Vec<pb::GenerateRequest>) -> Vec<(Vec<u32>, FinishReason)> {
-    let model = std::sync::Arc::new(Gpt2::load(&root().join("models/default")).unwrap());
+    let model = std::sync::Arc::new(Gpt2::load(&root().join("fixtures/models/tiny")).unwrap());
     let cfg = *model.config();
     let config = SchedulerConfig { max_batch: requests.len(), max_queue: 64, prefill_chunk: 256 };
     let (handle, thread) = scheduler::spawn(model, config).unwrap();

@@ -11,8 +11,10 @@ use llorch_engine::scheduler::{self, Event, Job, SchedulerConfig, SchedulerHandl
 
 fn model() -> Arc<Gpt2> {
     Arc::new(
-        Gpt2::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/default"))
-            .unwrap(),
+        Gpt2::load(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models/tiny"),
+        )
+        .unwrap(),
     )
 }
 
@@ -129,9 +131,11 @@ fn prompts_arriving_together_equal_each_alone_with_or_without_shared_prefill() {
     };
     let natural = model();
     let forced_off = Arc::new(
-        Gpt2::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/default"))
-            .unwrap()
-            .without_shared_prefill(),
+        Gpt2::load(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models/tiny"),
+        )
+        .unwrap()
+        .without_shared_prefill(),
     );
     for model in [natural, forced_off] {
         let alone: Vec<(Vec<u32>, Vec<f32>)> = (0..prompts.len())
