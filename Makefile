@@ -1,5 +1,5 @@
 # The one gate, the same locally and in CI (.ci/run calls `make check`).
-.PHONY: check fmt clippy test doc-test build run fixtures clients docker-test
+.PHONY: check fmt clippy test doc-test build run fixtures demo-model clients docker-test
 
 CARGO ?= cargo
 
@@ -27,10 +27,16 @@ fixtures:
 	python3 scripts/gen_sampling_reference.py
 	python3 scripts/check_random_model.py
 
+# Retrains the demo model in models/default (~35 min on 2 cores; needs Debian's bible-kjv and
+# the venv of scripts/requirements.txt), then its references. See models/default/README.md.
+demo-model:
+	python3 scripts/train_demo.py
+	python3 scripts/gen_reference.py
+
 # The Python clients (official `openai` client tests, gRPC example) against the three real
 # services; needs `.ci/setup --test` (the venv) and a built workspace. Run by .ci/run.
 clients:
-	$(CARGO) build --workspace --locked -q
+	$(CARGO) build --workspace --all-targets --locked -q
 	clients/run.sh
 
 # The container test: builds the image offline (deploy/build-offline.sh) and drives the compose

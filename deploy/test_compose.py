@@ -5,8 +5,9 @@ Builds the image offline (deploy/build-offline.sh), starts deploy/docker-compose
 project name of its own, and drives the stack through the published port only:
 
 * every service becomes healthy (their healthchecks are the binaries' `health` subcommands);
-* a greedy /execute gives the text of the non-container e2e test (the committed reference ids
-  of fixtures/reference/tiny/hello, decoded by the host's tokenizer);
+* a greedy /execute on the image's model (the demo model of models/default) gives HF's greedy
+  text (the committed reference ids of fixtures/reference/demo/hello, decoded by the host's
+  tokenizer), and /health names the model llorch-demo-…;
 * `docker kill` of the engine: /health is 503 within 5 s and the running stream ends with the
   SSE `error` event; the engine started again serves again with no gateway restart;
 * with `--scale engine=2`: 8 concurrent streams land on both replicas (each replica's Info
@@ -188,8 +189,9 @@ def started_stream(base: str, job_id: str, max_tokens: int = 1000) -> SseStream:
 
 
 def expected_greedy_text() -> str:
-    """What `greedy_execute_streams_the_reference_text_with_every_field` expects."""
-    meta = json.loads((ROOT / "fixtures/reference/tiny/hello/meta.json").read_text())
+    """HF's greedy continuation of "Hello." on the image's model, the trained demo model of
+    models/default (fixtures/reference/demo, checkpoint 12)."""
+    meta = json.loads((ROOT / "fixtures/reference/demo/hello/meta.json").read_text())
     target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
     if not target.is_absolute():
         target = ROOT / target
@@ -343,8 +345,10 @@ def main() -> int:
         stack.compose("up", "-d", "--no-build")
         stack.wait_healthy()
         log("healthy:\n" + stack.compose("ps").stdout)
+        code, health = http_json(f"{stack.url}/health")
+        assert code == 200 and health["model"].startswith("llorch-demo-"), health
         check_greedy(stack, want, "greedy")
-        log("greedy /execute equals the reference text")
+        log(f"/health names {health['model']}; greedy /execute equals the reference text")
         kill_and_restart_engine(stack, want)
         two_replicas(stack, want)
         stop_gracefully(stack)

@@ -3,7 +3,7 @@
 
 Outputs (paths relative to the repo root):
 
-  models/default/config.json, models/default/model.safetensors
+  fixtures/models/tiny/config.json, fixtures/models/tiny/model.safetensors
       "tiny" model (n_embd 32, n_layer 2, n_head 4), F32, written with
       GPT2LMHeadModel.save_pretrained(..., safe_serialization=True): tensor
       names carry the `transformer.` prefix, no attn.bias buffers, no
@@ -17,6 +17,12 @@ Outputs (paths relative to the repo root):
       weights upcast to F32.
   fixtures/reference/<model>/<prompt>/*.npy + meta.json
   fixtures/reference/manifest.json
+  fixtures/reference/demo/...
+      the same checkpoints for the trained demo model that ships in models/default
+      (written by scripts/train_demo.py; F16, upcast to F32 here), plus
+      continuation.json (64 greedy ids with top-5 logprobs for two prompts) and
+      perplexity/ (a held-out chapter and HF's sliding-window perplexities of it).
+      Needs Debian's bible-kjv for the held-out text (as train_demo.py does).
 
 Weights are deliberately scaled well above GPT-2's default init (std 0.02) so
 that greedy decoding of random models does not collapse into one repeated
@@ -71,7 +77,7 @@ SCALES = {
 MODELS = {
     "tiny": {
         "seed": 37,  # chosen with --search 40 (largest min greedy margin)
-        "dir": "models/default",
+        "dir": "fixtures/models/tiny",
         "layout": "save_pretrained",
         "storage_dtype": "F32",
         "config": dict(
@@ -354,6 +360,116 @@ def save_npy(path, arr):
 
 
 # ---------------------------------------------------------------------------
+# the trained demo model (models/default, scripts/train_demo.py)
+# ---------------------------------------------------------------------------
+DEMO_DIR = "models/default"
+DEMO_PROMPTS = {"genesis": "In the beginning", "gospel": "And Jesus said unto them,"}
+DEMO_NEW = 64
+# (window, stride): the model's whole context with the default stride, and smaller windows
+# so that the text spans several of them.
+DEMO_PPL_CASES = [(512, 256), (128, 64), (100, 100), (200, 50)]
+# The first held-out chapter of train_demo.py's split.
+DEMO_PPL_CHAPTER = 19
+
+
+@torch.no_grad()
+def demo_continuation(model, prompt_ids):
+    """DEMO_NEW greedy ids (plain argmax, end-of-text included) through the KV cache, with
+    each step's chosen logprob and top 5, log-softmax in float64 over the f32 logits."""
+    out = model(torch.tensor([prompt_ids]), use_cache=True)
+    ids, logprobs, top5, margins = [], [], [], []
+    for _ in range(DEMO_NEW):
+        logits = out.logits[0, -1]
+        lp = torch.log_softmax(logits.double(), dim=-1)
+        top = torch.topk(logits, 5)
+        nxt = int(top.indices[0])
+        ids.append(nxt)
+        logprobs.append(float(lp[nxt]))
+        top5.append([{"id": int(i), "logprob": float(lp[i])} for i in top.indices])
+        margins.append(float(top.values[0] - top.values[1]))
+        out = model(torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
+    full = torch.tensor([prompt_ids + ids[:-1]])
+    nocache = model(full, use_cache=False).logits[0, len(prompt_ids) - 1:].argmax(-1).tolist()
+    assert nocache == ids, "KV-cache greedy path differs from no-cache forward"
+    return dict(ids=ids, logprobs=logprobs, top5=top5, margins=margins, min_margin=min(margins))
+
+
+def write_demo(prompts):
+    import train_demo  # scripts/, beside this file
+
+    d = os.path.join(ROOT, DEMO_DIR)
+    model = GPT2LMHeadModel.from_pretrained(d, torch_dtype=torch.float32, attn_implementation="eager").eval()
+    name_in_config = model.config.llorch_model_name
+    tok = Tokenizer.from_file(TOKENIZER)
+    out = os.path.join(REF_DIR, "demo")
+    summary = []
+    for pname, ids in prompts.items():
+        pd = os.path.join(out, pname)
+        os.makedirs(pd, exist_ok=True)
+        arrays, diffs = capture(model, ids)
+        for k, a in arrays.items():
+            save_npy(os.path.join(pd, f"{k}.npy"), a)
+        last = torch.from_numpy(arrays["logits"][-1].copy())
+        probs = torch.softmax(last.double() / 0.8, dim=-1)
+        top = torch.topk(probs, 5)
+        new, margins, raw = greedy(model, ids)
+        problems = check_varied(new, margins, raw)
+        assert new == raw, f"demo/{pname}: generate() deviates from the raw argmax (EOS?)"
+        assert min(margins) >= MIN_MARGIN, f"demo/{pname}: near-tie in the greedy path {min(margins)}"
+        meta = {
+            "model": "demo", "prompt": pname, "prompt_text": PROMPTS[pname], "prompt_ids": ids,
+            "greedy_next": int(torch.argmax(last)),
+            "top5_t08": {"ids": [int(i) for i in top.indices], "probs": [float(p) for p in top.values]},
+            "greedy_24": new,
+            "greedy_margins": margins,
+            "min_margin": min(margins),
+            "notes": problems,
+        }
+        with open(os.path.join(pd, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+            f.write("\n")
+        summary.append(("demo", pname, new, min(margins), diffs))
+
+    cont = []
+    for pname, text in DEMO_PROMPTS.items():
+        ids = tok.encode(text, add_special_tokens=False).ids
+        c = demo_continuation(model, ids)
+        assert c["min_margin"] >= MIN_MARGIN, f"demo continuation {pname}: near-tie {c['min_margin']}"
+        cont.append({"name": pname, "text": text, "prompt_ids": ids, **c, "decoded": tok.decode(c["ids"])})
+        print(f"demo {pname}: {text!r} -> {tok.decode(c['ids'])!r}")
+    with open(os.path.join(out, "continuation.json"), "w") as f:
+        json.dump({"model": DEMO_DIR, "new_tokens": DEMO_NEW, "greedy": "argmax of the raw logits, end-of-text included",
+                   "logprobs": "log_softmax in float64 of the float32 logits", "prompts": cont}, f, indent=1)
+        f.write("\n")
+
+    _, chapters, _, _ = train_demo.corpus()
+    heading, verses = chapters[DEMO_PPL_CHAPTER]
+    assert DEMO_PPL_CHAPTER % train_demo.HELD_OUT_EVERY == train_demo.HELD_OUT_EVERY - 1, "not held out"
+    text = train_demo.chapter_text(heading, verses)
+    pd = os.path.join(out, "perplexity")
+    os.makedirs(pd, exist_ok=True)
+    with open(os.path.join(pd, "text.txt"), "w") as f:
+        f.write(text)
+    ids = np.array(tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+    cases = []
+    for window, stride in DEMO_PPL_CASES:
+        total, count, windows = train_demo.sliding_nll(model, ids, window, stride)
+        cases.append(dict(window=window, stride=stride, windows=windows, scored=count, nll_sum=total,
+                          mean_nll=total / count, perplexity=math.exp(total / count)))
+        print(f"demo perplexity window {window} stride {stride}: {math.exp(total / count):.4f} ({windows} windows)")
+    with open(os.path.join(pd, "reference.json"), "w") as f:
+        json.dump({"text": "text.txt", "chapter": heading, "tokens": int(len(ids)),
+                   "definition": "llorch_engine::perplexity / train_demo.sliding_nll", "cases": cases}, f, indent=1)
+        f.write("\n")
+    return {
+        "name": "demo", "path": DEMO_DIR, "llorch_model_name": name_in_config,
+        "trained_by": "scripts/train_demo.py", "n_layer": model.config.n_layer, "n_head": model.config.n_head,
+        "n_embd": model.config.n_embd, "n_positions": model.config.n_positions, "storage_dtype": "F16",
+        "layout": "save_pretrained", "summary": summary,
+    }
+
+
+# ---------------------------------------------------------------------------
 def evaluate(name, seed, prompts):
     model = build_model(name, seed)
     res = {}
@@ -467,6 +583,10 @@ def main():
                 f.write("\n")
             summary.append((name, pname, new, min(margins), diffs))
 
+    demo = write_demo(prompts)
+    manifest["models"].append(demo)
+    summary += demo.pop("summary")
+
     with open(os.path.join(REF_DIR, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2)
         f.write("\n")
@@ -486,6 +606,7 @@ def main():
     print("== sizes ==")
     total = 0
     paths = [os.path.join(ROOT, s["dir"], f) for s in MODELS.values() for f in ("config.json", "model.safetensors")]
+    paths += [os.path.join(ROOT, DEMO_DIR, "model.safetensors")]
     for dp, _, fns in os.walk(REF_DIR):
         paths += [os.path.join(dp, fn) for fn in fns]
     for p in sorted(paths):

@@ -41,13 +41,15 @@ pids+=($!)
 pids+=($!)
 
 for _ in $(seq 1 600); do
-    if curl -fsS "http://127.0.0.1:$gw_port/health" >/dev/null 2>&1; then
+    if health=$(curl -fsS "http://127.0.0.1:$gw_port/health" 2>/dev/null); then
+        # The served name (`llorch_model_name` in config.json, else the folder's name).
+        name=$(printf '%s' "$health" | sed -n 's/.*"model":"\([^"]*\)".*/\1/p')
         cat <<MSG
 
-llorch is ready: gateway http://127.0.0.1:$gw_port (model $model). Try:
+llorch is ready: gateway http://127.0.0.1:$gw_port serving ${name:-?} from $model. Try:
 
   curl -N http://127.0.0.1:$gw_port/execute -H 'content-type: application/json' \\
-    -d '{"job_id":"demo-1","prompt":"Hello.","max_tokens":32,"temperature":0.7}'
+    -d '{"job_id":"demo-1","prompt":"And God said,","max_tokens":48,"temperature":0.7,"top_p":0.9,"repetition_penalty":1.2}'
 
 Ctrl-C stops all three services.
 MSG

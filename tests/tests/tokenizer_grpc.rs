@@ -51,7 +51,8 @@ async fn encode_decode_and_info_over_a_real_socket() {
         .text;
     assert_eq!(text, "Hello, world!");
     let info = client.info(InfoRequest {}).await.unwrap().into_inner();
-    assert_eq!((info.vocab_size, info.eos_token_id, info.model_max_length), (50257, 50256, 1024));
+    // model_max_length is n_positions of the folder's config.json: the demo model's 512.
+    assert_eq!((info.vocab_size, info.eos_token_id, info.model_max_length), (50257, 50256, 512));
     svc.stop().await.unwrap();
 }
 

@@ -42,6 +42,12 @@ pub struct Gpt2Config {
     /// Whether attention scores are scaled by 1/√head_dim (true for GPT-2).
     #[serde(default = "default_true")]
     pub scale_attn_weights: bool,
+    /// The name the engine serves the model under (`Info`, `/health`, the `model` of every
+    /// response) unless `--model-name` says otherwise; without it the folder's name is used.
+    /// llorch's own key: `scripts/train_demo.py` writes it so that the demo model is never
+    /// mistaken for GPT-2 (`transformers` keeps unknown keys and ignores them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub llorch_model_name: Option<String>,
 }
 
 fn default_activation() -> String {
@@ -81,6 +87,7 @@ impl Gpt2Config {
             tie_word_embeddings: true,
             scale_attn_by_inverse_layer_idx: false,
             scale_attn_weights: true,
+            llorch_model_name: None,
         })
     }
 

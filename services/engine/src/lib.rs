@@ -5,7 +5,8 @@
 //!   a step of prefill chunks or of decode tokens ([`layers`] holds the ops).
 //! * [`validate`] turns a `GenerateRequest` into a [`ValidRequest`]; a [`Sequence`] generates
 //!   for it with its own [`KvCache`] and [`sampling::Sampler`]; [`generate`] runs one alone.
-//! * [`bench`](mod@bench), [`dump`] and [`random`] back the `llorch-engine` subcommands;
+//! * [`bench`](mod@bench), [`dump`], [`perplexity`](mod@perplexity) and [`random`] back the
+//!   `llorch-engine` subcommands;
 //!   [`reference`](mod@reference) reads and writes the checkpoint folders that the dump and
 //!   the tests share.
 
@@ -22,6 +23,7 @@ pub mod kv_cache;
 pub mod layers;
 pub mod model;
 pub mod npy;
+pub mod perplexity;
 pub mod random;
 pub mod reference;
 pub mod request;

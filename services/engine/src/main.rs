@@ -10,7 +10,7 @@ use llorch_common::probe::{self, ProbeArgs};
 use llorch_common::telemetry::{self, TelemetryArgs};
 use llorch_engine::random::{FileLayout, RandomModel, StorageDtype};
 use llorch_engine::sequence::DEFAULT_PREFILL_CHUNK;
-use llorch_engine::{Gpt2, Gpt2Config, bench, threads};
+use llorch_engine::{Gpt2, Gpt2Config, bench, server, threads};
 use llorch_proto::engine::v1 as pb;
 
 /// GPT-2 inference engine on the CPU.
@@ -84,6 +84,8 @@ enum Command {
         #[arg(long, default_value = "models/default")]
         tokenizer_from: PathBuf,
     },
+    /// Perplexity of a text file with a sliding window; prints JSON (see README "Perplexity").
+    Perplexity(PerplexityArgs),
     /// Measure prefill and decode throughput; prints JSON.
     Bench {
         /// Model folder.
@@ -136,6 +138,16 @@ struct GenerateArgs {
     /// Repetition penalty 0.0..=2.0 (1 = off).
     #[arg(long, default_value_t = 1.0)]
     repetition_penalty: f32,
+    /// Presence penalty -2.0..=2.0 (0 = off; over the generated ids only).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    presence_penalty: f32,
+    /// Frequency penalty -2.0..=2.0 (0 = off; over the generated ids only).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    frequency_penalty: f32,
+    /// Bias added to a token's logit at every step, `ID=BIAS` (-100.0..=100.0); repeatable
+    /// (for a repeated id the last value counts).
+    #[arg(long, value_parser = parse_logit_bias)]
+    logit_bias: Vec<(u32, f32)>,
     /// RNG seed (random when absent; printed).
     #[arg(long)]
     seed: Option<u64>,
@@ -152,6 +164,32 @@ struct GenerateArgs {
     #[arg(long, env = "LLORCH_THREADS", default_value_t = 0)]
     threads: usize,
     /// Prompt tokens per prefill step.
+    #[arg(long, default_value_t = DEFAULT_PREFILL_CHUNK)]
+    prefill_chunk: usize,
+}
+
+#[derive(Debug, Args)]
+struct PerplexityArgs {
+    /// Model folder (config.json + model.safetensors).
+    #[arg(long, env = "LLORCH_MODEL", default_value = "models/default")]
+    model: PathBuf,
+    /// UTF-8 text file to score (tokenized whole, without special tokens).
+    #[arg(long)]
+    text: PathBuf,
+    /// Folder with the tokenizer files (tokenizer.json, or vocab.json + merges.txt); default:
+    /// the model folder.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Tokens per window, 2..=n_ctx (default: the model's context).
+    #[arg(long)]
+    window: Option<usize>,
+    /// Tokens between window starts, 1..=window (default: half the window, rounded up).
+    #[arg(long)]
+    stride: Option<usize>,
+    /// Compute threads; 0 = all cores.
+    #[arg(long, env = "LLORCH_THREADS", default_value_t = 0)]
+    threads: usize,
+    /// Tokens per forward call within a window.
     #[arg(long, default_value_t = DEFAULT_PREFILL_CHUNK)]
     prefill_chunk: usize,
 }
@@ -176,6 +214,7 @@ fn main() -> anyhow::Result<()> {
             info(url.unwrap_or_else(|| format!("http://127.0.0.1:{port}")))
         }
         Command::Generate(args) => generate(args),
+        Command::Perplexity(args) => perplexity(args),
         Command::Dump { model, prompt_ids, out } => {
             let model = load(&model)?;
             let files = llorch_engine::dump::dump(&model, &prompt_ids, &out)?;
@@ -221,7 +260,8 @@ fn main() -> anyhow::Result<()> {
                 runs,
                 seed: 7,
             };
-            let report = bench::run(&gpt2, &model_name(&model), &cfg, load_time)?;
+            let report =
+                bench::run(&gpt2, &server::served_name(None, &gpt2, &model), &cfg, load_time)?;
             println!("{}", serde_json::to_string(&report)?);
             Ok(())
         }
@@ -304,9 +344,48 @@ fn load(dir: &Path) -> anyhow::Result<Gpt2> {
     Ok(model)
 }
 
-fn model_name(dir: &Path) -> String {
-    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
-    dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned())
+fn perplexity(a: PerplexityArgs) -> anyhow::Result<()> {
+    use llorch_engine::perplexity::{PerplexityConfig, perplexity};
+    threads::set_threads(a.threads);
+    let text = std::fs::read_to_string(&a.text)
+        .with_context(|| format!("cannot read --text {} as UTF-8", a.text.display()))?;
+    let tok_dir = a.tokenizer.as_ref().unwrap_or(&a.model);
+    let tokenizer = llorch_tokenizer::BpeTokenizer::from_dir(tok_dir).with_context(|| {
+        format!("cannot load the tokenizer in {} (set --tokenizer)", tok_dir.display())
+    })?;
+    let ids = tokenizer.encode(&text, false)?;
+    let model = load(&a.model)?;
+    let cfg = PerplexityConfig::new(&model, a.window, a.stride, a.prefill_chunk)?;
+    tracing::info!(tokens = ids.len(), window = cfg.window, stride = cfg.stride, "scoring");
+    let started = Instant::now();
+    let mut last_log = Instant::now();
+    let report = perplexity(&model, &ids, cfg, |done, all| {
+        if last_log.elapsed().as_secs() >= 5 || done == all {
+            last_log = Instant::now();
+            tracing::info!(
+                windows = done,
+                of = all,
+                seconds = started.elapsed().as_secs_f64(),
+                "perplexity progress"
+            );
+        }
+    })?;
+    let seconds = started.elapsed().as_secs_f64();
+    let mut json = serde_json::to_value(&report)?;
+    json["model"] = server::served_name(None, &model, &a.model).into();
+    json["text"] = a.text.display().to_string().into();
+    json["seconds"] = seconds.into();
+    json["tokens_per_second"] = (report.scored as f64 / seconds).into();
+    println!("{json}");
+    Ok(())
+}
+
+/// `ID=BIAS` of `--logit-bias` (the ranges are checked with the rest of the request).
+fn parse_logit_bias(s: &str) -> Result<(u32, f32), String> {
+    let (id, bias) = s.split_once('=').ok_or_else(|| format!("{s:?} is not ID=BIAS"))?;
+    let id = id.trim().parse().map_err(|e| format!("token id {id:?}: {e}"))?;
+    let bias = bias.trim().parse().map_err(|e| format!("bias {bias:?}: {e}"))?;
+    Ok((id, bias))
 }
 
 fn generate(a: GenerateArgs) -> anyhow::Result<()> {
@@ -322,7 +401,9 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
             min_p: a.min_p,
             repetition_penalty: Some(a.repetition_penalty),
             seed: a.seed,
-            ..Default::default()
+            presence_penalty: a.presence_penalty,
+            frequency_penalty: a.frequency_penalty,
+            logit_bias: a.logit_bias.iter().copied().collect(),
         }),
         stopping: Some(pb::StoppingCriteria {
             max_new_tokens: a.max_new_tokens,

@@ -264,6 +264,8 @@ pub struct Gpt2 {
     lm_head: Option<Param>,
     dtype: String,
     weight_bytes: usize,
+    /// `llorch_model_name` from `config.json`, when there.
+    name: Option<String>,
     /// Whether prefill chunks of several sequences may share a forward call (see
     /// [`layers::sgemm_rows_invariant`]).
     shared_prefill: bool,
@@ -273,9 +275,11 @@ impl Gpt2 {
     /// Loads `config.json` and `model.safetensors` from a Hugging Face model folder: every
     /// tensor the model takes must be there with its shape, and nothing else.
     pub fn load(dir: &Path) -> Result<Self, EngineError> {
-        let cfg = Gpt2Config::from_dir(dir)?.validate()?;
+        let config = Gpt2Config::from_dir(dir)?;
+        let cfg = config.validate()?;
         let mut weights = Weights::load(&dir.join("model.safetensors"))?;
         let mut model = Self::from_weights(cfg, &mut weights)?;
+        model.name = config.llorch_model_name.filter(|n| !n.trim().is_empty());
         weights.finish()?;
         let h = &model.h;
         let shared_prefill = h.first().is_none_or(|b| {
@@ -322,6 +326,7 @@ impl Gpt2 {
             lm_head,
             dtype: w.dtype(),
             weight_bytes,
+            name: None,
             shared_prefill: false,
             cfg,
         })
@@ -340,6 +345,11 @@ impl Gpt2 {
     pub fn without_shared_prefill(mut self) -> Self {
         self.shared_prefill = false;
         self
+    }
+
+    /// The name `config.json` gives the model (`llorch_model_name`), if any.
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
     }
 
     /// The validated shape.

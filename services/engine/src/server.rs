@@ -57,7 +57,8 @@ pub struct ServeConfig {
     /// Model folder (config.json + model.safetensors).
     #[arg(long, env = "LLORCH_MODEL", default_value = defaults::MODEL)]
     pub model: PathBuf,
-    /// Name reported by `Info` (default: the model folder's name).
+    /// Name reported by `Info` (default: `llorch_model_name` from config.json, else the model
+    /// folder's name).
     #[arg(long, env = "LLORCH_MODEL_NAME")]
     pub model_name: Option<String>,
     /// Address to bind.
@@ -367,7 +368,7 @@ pub async fn run(
         let dir = config.model.clone();
         let model = tokio::task::spawn_blocking(move || Gpt2::load(&dir)).await??;
         let model = Arc::new(model);
-        let name = config.model_name.clone().unwrap_or_else(|| folder_name(&config.model));
+        let name = served_name(config.model_name.as_deref(), &model, &config.model);
         tracing::info!(
             model = %name,
             dtype = model.dtype(),
@@ -412,7 +413,12 @@ pub async fn run(
     Ok(())
 }
 
-fn folder_name(dir: &std::path::Path) -> String {
+/// The name a model is served under: `flag` (`--model-name`), else the `llorch_model_name` of
+/// its config.json, else its folder's name.
+pub fn served_name(flag: Option<&str>, model: &Gpt2, dir: &std::path::Path) -> String {
+    if let Some(name) = flag.or(model.name()) {
+        return name.to_owned();
+    }
     let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
     dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned())
 }

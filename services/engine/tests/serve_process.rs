@@ -1,12 +1,12 @@
-//! The `llorch-engine serve` binary as a child process: it logs its bound address, serves,
-//! and on SIGTERM drains and exits 0.
+//! The `llorch-engine serve` binary as a child process, on the default model: it logs its
+//! bound address, serves, names the model, and on SIGTERM drains and exits 0.
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use llorch_common::child_log::ChildLog;
 use llorch_proto::engine::v1::engine_client::EngineClient;
-use llorch_proto::engine::v1::{GenerateRequest, SamplingParams, StoppingCriteria};
+use llorch_proto::engine::v1::{GenerateRequest, InfoRequest, SamplingParams, StoppingCriteria};
 
 #[tokio::test]
 async fn serve_logs_its_address_serves_and_exits_0_on_sigterm() {
@@ -33,6 +33,10 @@ async fn serve_logs_its_address_serves_and_exits_0_on_sigterm() {
     let addr = listening["addr"].as_str().unwrap().to_owned();
     log.wait_for("ready", wait).unwrap();
     let mut client = EngineClient::connect(format!("http://{addr}")).await.unwrap();
+    // The default model (models/default, the trained demo) is served under the name its
+    // config.json gives, so nobody mistakes it for GPT-2.
+    let info = client.info(InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.model, "llorch-demo-kjv-6x192");
     let req = GenerateRequest {
         prompt_ids: vec![15496, 13],
         sampling: Some(SamplingParams { temperature: Some(0.0), ..Default::default() }),

@@ -17,7 +17,11 @@ pub fn root() -> PathBuf {
 
 /// The fixture models: (name in fixtures/reference, model folder).
 pub fn models() -> Vec<(&'static str, PathBuf)> {
-    vec![("tiny", root().join("models/default")), ("odd", root().join("fixtures/models/odd"))]
+    vec![
+        ("tiny", root().join("fixtures/models/tiny")),
+        ("odd", root().join("fixtures/models/odd")),
+        ("demo", root().join("models/default")),
+    ]
 }
 
 /// The fixture prompts.
