@@ -413,10 +413,11 @@ pub async fn run(
     Ok(())
 }
 
-/// The name a model is served under: `flag` (`--model-name`), else the `llorch_model_name` of
-/// its config.json, else its folder's name.
+/// The name a model is served under: `flag` (`--model-name`; empty counts as absent, as an
+/// empty `LLORCH_MODEL_NAME` does), else the `llorch_model_name` of its config.json, else its
+/// folder's name.
 pub fn served_name(flag: Option<&str>, model: &Gpt2, dir: &std::path::Path) -> String {
-    if let Some(name) = flag.or(model.name()) {
+    if let Some(name) = flag.filter(|f| !f.trim().is_empty()).or(model.name()) {
         return name.to_owned();
     }
     let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());

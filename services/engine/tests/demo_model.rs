@@ -55,6 +55,7 @@ fn the_demo_model_is_named_so_nobody_mistakes_it_for_gpt2() {
     let served = llorch_engine::server::served_name;
     assert_eq!(served(None, &model, &dir), "llorch-demo-kjv-6x192");
     assert_eq!(served(Some("mine"), &model, &dir), "mine", "--model-name wins");
+    assert_eq!(served(Some(" "), &model, &dir), "llorch-demo-kjv-6x192", "empty is absent");
     let tiny = Gpt2::load(&root().join("fixtures/models/tiny")).unwrap();
     assert_eq!(tiny.name(), None);
     assert_eq!(served(None, &tiny, &root().join("fixtures/models/tiny")), "tiny");
