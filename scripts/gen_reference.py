@@ -359,6 +359,37 @@ def save_npy(path, arr):
     np.save(path, arr, allow_pickle=False)
 
 
+def write_prompt_reference(name, model, pname, ids, new, margins, extra=None):
+    """Writes fixtures/reference/<name>/<pname>/: the checkpoint tensors of the prompt `ids`
+    and meta.json (greedy next id, temperature-0.8 top 5, the greedy path `new` with its
+    margins, and `extra`). Returns capture()'s manual-vs-HF differences."""
+    d = os.path.join(REF_DIR, name, pname)
+    os.makedirs(d, exist_ok=True)
+    arrays, diffs = capture(model, ids)
+    for k, a in arrays.items():
+        save_npy(os.path.join(d, f"{k}.npy"), a)
+    last = torch.from_numpy(arrays["logits"][-1].copy())
+    # In float64: torch's float32 softmax over 50257 logits carries a summation error
+    # of up to ~1.3e-5 relative (seen on odd/hello: 0.5724306 vs the exact 0.5724233),
+    # more than checkpoint 11's 1e-6 tolerance. The f32 logits are exact inputs.
+    probs = torch.softmax(last.double() / 0.8, dim=-1)
+    top = torch.topk(probs, 5)
+    meta = {
+        "model": name, "prompt": pname, "prompt_text": PROMPTS[pname], "prompt_ids": ids,
+        "greedy_next": int(torch.argmax(last)),
+        "top5_t08": {"ids": [int(i) for i in top.indices], "probs": [float(p) for p in top.values]},
+        "greedy_24": new,
+        "greedy_margins": margins,
+        "min_margin": min(margins),
+        **(extra or {}),
+    }
+    assert meta["greedy_next"] == new[0]
+    with open(os.path.join(d, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+        f.write("\n")
+    return diffs
+
+
 # ---------------------------------------------------------------------------
 # the trained demo model (models/default, scripts/train_demo.py)
 # ---------------------------------------------------------------------------
@@ -404,30 +435,11 @@ def write_demo(prompts):
     out = os.path.join(REF_DIR, "demo")
     summary = []
     for pname, ids in prompts.items():
-        pd = os.path.join(out, pname)
-        os.makedirs(pd, exist_ok=True)
-        arrays, diffs = capture(model, ids)
-        for k, a in arrays.items():
-            save_npy(os.path.join(pd, f"{k}.npy"), a)
-        last = torch.from_numpy(arrays["logits"][-1].copy())
-        probs = torch.softmax(last.double() / 0.8, dim=-1)
-        top = torch.topk(probs, 5)
         new, margins, raw = greedy(model, ids)
-        problems = check_varied(new, margins, raw)
         assert new == raw, f"demo/{pname}: generate() deviates from the raw argmax (EOS?)"
         assert min(margins) >= MIN_MARGIN, f"demo/{pname}: near-tie in the greedy path {min(margins)}"
-        meta = {
-            "model": "demo", "prompt": pname, "prompt_text": PROMPTS[pname], "prompt_ids": ids,
-            "greedy_next": int(torch.argmax(last)),
-            "top5_t08": {"ids": [int(i) for i in top.indices], "probs": [float(p) for p in top.values]},
-            "greedy_24": new,
-            "greedy_margins": margins,
-            "min_margin": min(margins),
-            "notes": problems,
-        }
-        with open(os.path.join(pd, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=1)
-            f.write("\n")
+        notes = {"notes": check_varied(new, margins, raw)}
+        diffs = write_prompt_reference("demo", model, pname, ids, new, margins, notes)
         summary.append(("demo", pname, new, min(margins), diffs))
 
     cont = []
@@ -435,8 +447,9 @@ def write_demo(prompts):
         ids = tok.encode(text, add_special_tokens=False).ids
         c = demo_continuation(model, ids)
         assert c["min_margin"] >= MIN_MARGIN, f"demo continuation {pname}: near-tie {c['min_margin']}"
-        cont.append({"name": pname, "text": text, "prompt_ids": ids, **c, "decoded": tok.decode(c["ids"])})
-        print(f"demo {pname}: {text!r} -> {tok.decode(c['ids'])!r}")
+        decoded = tok.decode(c["ids"])
+        cont.append({"name": pname, "text": text, "prompt_ids": ids, **c, "decoded": decoded})
+        print(f"demo {pname}: {text!r} -> {decoded!r}")
     with open(os.path.join(out, "continuation.json"), "w") as f:
         json.dump({"model": DEMO_DIR, "new_tokens": DEMO_NEW, "greedy": "argmax of the raw logits, end-of-text included",
                    "logprobs": "log_softmax in float64 of the float32 logits", "prompts": cont}, f, indent=1)
@@ -557,30 +570,8 @@ def main():
         })
 
         for pname, ids in prompts.items():
-            d = os.path.join(REF_DIR, name, pname)
-            os.makedirs(d, exist_ok=True)
-            arrays, diffs = capture(model, ids)
-            for k, a in arrays.items():
-                save_npy(os.path.join(d, f"{k}.npy"), a)
-            last = torch.from_numpy(arrays["logits"][-1].copy())
-            # In float64: torch's float32 softmax over 50257 logits carries a summation error
-            # of up to ~1.3e-5 relative (seen on odd/hello: 0.5724306 vs the exact 0.5724233),
-            # more than checkpoint 11's 1e-6 tolerance. The f32 logits are exact inputs.
-            probs = torch.softmax(last.double() / 0.8, dim=-1)
-            top = torch.topk(probs, 5)
             new, margins, _ = res[pname]
-            meta = {
-                "model": name, "prompt": pname, "prompt_text": PROMPTS[pname], "prompt_ids": ids,
-                "greedy_next": int(torch.argmax(last)),
-                "top5_t08": {"ids": [int(i) for i in top.indices], "probs": [float(p) for p in top.values]},
-                "greedy_24": new,
-                "greedy_margins": margins,
-                "min_margin": min(margins),
-            }
-            assert meta["greedy_next"] == new[0]
-            with open(os.path.join(d, "meta.json"), "w") as f:
-                json.dump(meta, f, indent=1)
-                f.write("\n")
+            diffs = write_prompt_reference(name, model, pname, ids, new, margins)
             summary.append((name, pname, new, min(margins), diffs))
 
     demo = write_demo(prompts)
