@@ -33,8 +33,14 @@ pub struct BenchReport {
     pub model: String,
     /// `n_layer`, `n_head`, `n_embd`, `vocab_size`.
     pub shape: [usize; 4],
-    /// Weight storage type.
+    /// Type the weight matrices are held in (`--weights`).
     pub dtype: String,
+    /// Type the file stores them in.
+    pub stored_dtype: String,
+    /// The decode kernel set (see `Gpt2::kernel_set`).
+    pub kernel: String,
+    /// Bytes of weights held, in MiB.
+    pub weight_mib: f64,
     /// The OpenBLAS kernel set that ran `sgemm` (e.g. `SkylakeX`).
     pub openblas_core: String,
     /// Why that kernel set.
@@ -143,6 +149,9 @@ pub fn run(
         model: name.to_owned(),
         shape: [m.n_layer, m.n_head, m.n_embd, m.vocab_size],
         dtype: model.dtype().to_owned(),
+        stored_dtype: model.stored_dtype().to_owned(),
+        kernel: model.kernel_set().to_owned(),
+        weight_mib: model.weight_bytes() as f64 / (1 << 20) as f64,
         openblas_core: blas.core.clone(),
         openblas_core_reason: blas.reason.clone(),
         threads: crate::threads::current(),

@@ -53,6 +53,14 @@ pub enum EngineError {
         /// Its storage type.
         dtype: String,
     },
+    /// A tensor cannot be held in the weight format asked for (`--weights`).
+    #[error("tensor {name:?}: {reason}")]
+    WeightFormat {
+        /// Tensor name as in the file.
+        name: String,
+        /// Why.
+        reason: String,
+    },
     /// The request is invalid.
     #[error("invalid {field}: {message}")]
     InvalidRequest {
@@ -84,7 +92,8 @@ impl EngineError {
             | Self::MissingTensor(_)
             | Self::UnexpectedTensor(_)
             | Self::TensorShape { .. }
-            | Self::TensorDtype { .. } => ErrorKind::Load,
+            | Self::TensorDtype { .. }
+            | Self::WeightFormat { .. } => ErrorKind::Load,
             Self::InvalidRequest { .. } => ErrorKind::InvalidArgument,
             Self::QueueFull { .. } => ErrorKind::ResourceExhausted,
             Self::Unavailable(_) => ErrorKind::Unavailable,

@@ -21,6 +21,7 @@ pub mod dump;
 pub mod error;
 pub mod kv_cache;
 pub mod layers;
+pub mod matrix;
 pub mod model;
 pub mod npy;
 pub mod perplexity;

@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use llorch_common::probe::{self, ProbeArgs};
 use llorch_common::telemetry::{self, TelemetryArgs};
+use llorch_engine::matrix::WeightFormat;
 use llorch_engine::random::{FileLayout, RandomModel, StorageDtype};
 use llorch_engine::sequence::DEFAULT_PREFILL_CHUNK;
 use llorch_engine::{Gpt2, Gpt2Config, bench, server, threads};
@@ -109,6 +110,9 @@ enum Command {
         /// Prompt tokens per prefill step.
         #[arg(long, default_value_t = DEFAULT_PREFILL_CHUNK)]
         prefill_chunk: usize,
+        /// How the weight matrices are held (see `serve --help`).
+        #[arg(long, env = "LLORCH_WEIGHTS", value_enum, default_value_t = WeightFormat::Stored)]
+        weights: WeightFormat,
     },
 }
 
@@ -166,6 +170,9 @@ struct GenerateArgs {
     /// Prompt tokens per prefill step.
     #[arg(long, default_value_t = DEFAULT_PREFILL_CHUNK)]
     prefill_chunk: usize,
+    /// How the weight matrices are held (see `serve --help`).
+    #[arg(long, env = "LLORCH_WEIGHTS", value_enum, default_value_t = WeightFormat::Stored)]
+    weights: WeightFormat,
 }
 
 #[derive(Debug, Args)]
@@ -192,6 +199,9 @@ struct PerplexityArgs {
     /// Tokens per forward call within a window.
     #[arg(long, default_value_t = DEFAULT_PREFILL_CHUNK)]
     prefill_chunk: usize,
+    /// How the weight matrices are held (see `serve --help`).
+    #[arg(long, env = "LLORCH_WEIGHTS", value_enum, default_value_t = WeightFormat::Stored)]
+    weights: WeightFormat,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -216,7 +226,7 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(args) => generate(args),
         Command::Perplexity(args) => perplexity(args),
         Command::Dump { model, prompt_ids, out } => {
-            let model = load(&model)?;
+            let model = load(&model, WeightFormat::Stored)?;
             let files = llorch_engine::dump::dump(&model, &prompt_ids, &out)?;
             println!("{}", serde_json::json!({ "out": out, "files": files }));
             Ok(())
@@ -247,10 +257,11 @@ fn main() -> anyhow::Result<()> {
             threads: n,
             runs,
             prefill_chunk,
+            weights,
         } => {
             threads::set_threads(n);
             let started = Instant::now();
-            let gpt2 = load(&model)?;
+            let gpt2 = load(&model, weights)?;
             let load_time = started.elapsed();
             let cfg = bench::BenchConfig {
                 prompt_tokens,
@@ -335,12 +346,19 @@ fn info(url: String) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn load(dir: &Path) -> anyhow::Result<Gpt2> {
+fn load(dir: &Path, weights: WeightFormat) -> anyhow::Result<Gpt2> {
     llorch_common::cli::check_model_dir(dir, "LLORCH_MODEL")?;
     let started = Instant::now();
-    let model =
-        Gpt2::load(dir).with_context(|| format!("cannot load the model in {}", dir.display()))?;
-    tracing::info!(model = %dir.display(), dtype = model.dtype(), seconds = started.elapsed().as_secs_f64(), "model loaded");
+    let model = Gpt2::load_as(dir, weights)
+        .with_context(|| format!("cannot load the model in {}", dir.display()))?;
+    tracing::info!(
+        model = %dir.display(),
+        dtype = model.dtype(),
+        stored_dtype = model.stored_dtype(),
+        kernel = model.kernel_set(),
+        seconds = started.elapsed().as_secs_f64(),
+        "model loaded"
+    );
     Ok(model)
 }
 
@@ -354,7 +372,7 @@ fn perplexity(a: PerplexityArgs) -> anyhow::Result<()> {
         format!("cannot load the tokenizer in {} (set --tokenizer)", tok_dir.display())
     })?;
     let ids = tokenizer.encode(&text, false)?;
-    let model = load(&a.model)?;
+    let model = load(&a.model, a.weights)?;
     let cfg = PerplexityConfig::new(&model, a.window, a.stride, a.prefill_chunk)?;
     tracing::info!(tokens = ids.len(), window = cfg.window, stride = cfg.stride, "scoring");
     let started = Instant::now();
@@ -390,7 +408,7 @@ fn parse_logit_bias(s: &str) -> Result<(u32, f32), String> {
 
 fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     threads::set_threads(a.threads);
-    let model = load(&a.model)?;
+    let model = load(&a.model, a.weights)?;
     let request = pb::GenerateRequest {
         request_id: "cli".into(),
         prompt_ids: a.prompt_ids.clone(),

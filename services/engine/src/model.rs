@@ -16,8 +16,9 @@ use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, s};
 use crate::config::{Gpt2Config, ModelConfig};
 use crate::error::EngineError;
 use crate::kv_cache::KvCache;
-use crate::layers::gemm::SMALL_M;
+use crate::layers::gemm::{Layout, SMALL_M};
 use crate::layers::{self, Kernel};
+use crate::matrix::{Matrix, WeightFormat};
 use crate::weights::{Param, Weights};
 
 mod step;
@@ -47,18 +48,21 @@ impl LayerNorm {
 /// Hugging Face's `Conv1D`: weight stored `[in, out]`, applied as `x·W + b`.
 #[derive(Debug)]
 pub struct Conv1D {
-    weight: Param,
+    weight: Matrix,
     bias: Param,
 }
 
 impl Conv1D {
     fn load(w: &mut Weights, n_in: usize, n_out: usize) -> Result<Self, EngineError> {
-        Ok(Self { weight: w.take("weight", [n_in, n_out])?, bias: w.take("bias", [n_out])? })
+        Ok(Self {
+            weight: w.take_matrix("weight", (n_in, n_out), Layout::KN)?,
+            bias: w.take("bias", [n_out])?,
+        })
     }
 
     /// `x: (N, IN)` → `out: (N, OUT)`.
     fn forward(&self, out: ArrayViewMut2<'_, f32>, x: ArrayView2<'_, f32>, kernel: Kernel) {
-        layers::matmul(out, x, self.weight.view2(), self.bias.view1(), kernel);
+        layers::matmul(out, x, &self.weight, self.bias.view1(), kernel);
     }
 }
 
@@ -256,13 +260,15 @@ impl Block {
 #[derive(Debug)]
 pub struct Gpt2 {
     cfg: ModelConfig,
-    wte: Param,
+    /// `(V, C)`: the token embedding and, tied, the LM head.
+    wte: Matrix,
     wpe: Param,
     h: Vec<Block>,
     ln_f: LayerNorm,
     /// An untied LM head, when the checkpoint has `lm_head.weight`; otherwise `wte` is used.
-    lm_head: Option<Param>,
-    dtype: String,
+    lm_head: Option<Matrix>,
+    /// The file's storage type ("F32", "F16", "BF16").
+    stored_dtype: String,
     weight_bytes: usize,
     /// `llorch_model_name` from `config.json`, when there.
     name: Option<String>,
@@ -273,11 +279,17 @@ pub struct Gpt2 {
 
 impl Gpt2 {
     /// Loads `config.json` and `model.safetensors` from a Hugging Face model folder: every
-    /// tensor the model takes must be there with its shape, and nothing else.
+    /// tensor the model takes must be there with its shape, and nothing else. Weight matrices
+    /// are held as the file stores them.
     pub fn load(dir: &Path) -> Result<Self, EngineError> {
+        Self::load_as(dir, WeightFormat::Stored)
+    }
+
+    /// [`Gpt2::load`], holding the weight matrices as `format` says (`--weights`).
+    pub fn load_as(dir: &Path, format: WeightFormat) -> Result<Self, EngineError> {
         let config = Gpt2Config::from_dir(dir)?;
         let cfg = config.validate()?;
-        let mut weights = Weights::load(&dir.join("model.safetensors"))?;
+        let mut weights = Weights::load(&dir.join("model.safetensors"))?.with_format(format);
         let mut model = Self::from_weights(cfg, &mut weights)?;
         model.name = config.llorch_model_name.filter(|n| !n.trim().is_empty());
         weights.finish()?;
@@ -285,7 +297,7 @@ impl Gpt2 {
         let shared_prefill = h.first().is_none_or(|b| {
             [&b.attn.c_attn, &b.attn.c_proj, &b.mlp.c_fc, &b.mlp.c_proj]
                 .iter()
-                .all(|c| layers::sgemm_rows_invariant(c.weight.view2()))
+                .all(|c| layers::sgemm_rows_invariant(&c.weight))
         });
         if !shared_prefill {
             tracing::info!(
@@ -305,7 +317,8 @@ impl Gpt2 {
     /// has checked `sgemm`.
     pub(crate) fn from_weights(cfg: ModelConfig, w: &mut Weights) -> Result<Self, EngineError> {
         let (v, c) = (cfg.vocab_size, cfg.n_embd);
-        let wte = w.take("wte.weight", [v, c])?;
+        let stored_dtype = w.dtype();
+        let wte = w.take_matrix("wte.weight", (c, v), Layout::NK)?;
         let wpe = w.take("wpe.weight", [cfg.n_ctx, c])?;
         let h = (0..cfg.n_layer)
             .map(|i| Block::load(&mut w.pp("h").pp(i), &cfg))
@@ -313,19 +326,18 @@ impl Gpt2 {
         let ln_f = LayerNorm::load(&mut w.pp("ln_f"), c, cfg.eps)?;
         // Tied configs use `wte` unless the file has its own head; untied ones need it.
         let lm_head = if cfg.tie_word_embeddings {
-            w.take_optional("lm_head.weight", [v, c])?
+            w.take_optional_matrix("lm_head.weight", (c, v), Layout::NK)?
         } else {
-            Some(w.take("lm_head.weight", [v, c])?)
+            Some(w.take_matrix("lm_head.weight", (c, v), Layout::NK)?)
         };
-        let weight_bytes = w.taken().iter().map(|(_, s)| s.iter().product::<usize>() * 4).sum();
         Ok(Self {
             wte,
             wpe,
             h,
             ln_f,
             lm_head,
-            dtype: w.dtype(),
-            weight_bytes,
+            stored_dtype,
+            weight_bytes: w.bytes(),
             name: None,
             shared_prefill: false,
             cfg,
@@ -357,12 +369,24 @@ impl Gpt2 {
         &self.cfg
     }
 
-    /// Storage type of the weights file ("F32", "F16", "BF16").
+    /// Type the weight matrices are held in: "F32", "F16", "BF16" or "Q8_0".
     pub fn dtype(&self) -> &str {
-        &self.dtype
+        self.wte.dtype()
     }
 
-    /// Bytes of F32 weights the model holds (mapped or owned).
+    /// Storage type of the weights file ("F32", "F16", "BF16").
+    pub fn stored_dtype(&self) -> &str {
+        &self.stored_dtype
+    }
+
+    /// The decode kernels this model runs on this CPU: the kernel set of its weight type
+    /// (`avx512`, `avx2`, `portable`; for Q8_0 `avx512-vnni`, `avx2`, `portable`).
+    pub fn kernel_set(&self) -> &'static str {
+        let isa = layers::gemm::Isa::detect();
+        if self.dtype() == "Q8_0" { layers::q8::kernel_name(isa) } else { isa.as_str() }
+    }
+
+    /// Bytes of weights the model holds (mapped or owned).
     pub fn weight_bytes(&self) -> usize {
         self.weight_bytes
     }
@@ -399,7 +423,7 @@ impl Gpt2 {
         let rows = s![..sc.tokens.len(), ..];
         layers::encoder(
             sc.x.slice_mut(rows),
-            self.wte.view2(),
+            &self.wte,
             self.wpe.view2(),
             &sc.tokens,
             &sc.positions,
@@ -472,7 +496,7 @@ impl Gpt2 {
         };
         let rows = s![..out, ..];
         let head = self.lm_head.as_ref().unwrap_or(&self.wte);
-        layers::lm_head(sc.logits.slice_mut(rows), sc.last.slice(rows), head.view2());
+        layers::lm_head(sc.logits.slice_mut(rows), sc.last.slice(rows), head);
         sc.logits.slice(rows)
     }
 

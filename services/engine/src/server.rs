@@ -20,6 +20,7 @@ use tonic::{Request, Response, Status};
 
 use crate::error::EngineError;
 use crate::layers::gemm::SMALL_M;
+use crate::matrix::WeightFormat;
 use crate::model::Gpt2;
 use crate::request::validate;
 use crate::scheduler::{self, Event, Job, SchedulerConfig, SchedulerHandle, event_capacity};
@@ -96,6 +97,11 @@ pub struct ServeConfig {
         default_value_t = defaults::MAX_MESSAGE_BYTES
     )]
     pub max_message_bytes: usize,
+    /// How the weight matrices are held: `stored` (as the file stores them, in place), `f32`,
+    /// `f16`, `bf16` (converted at load) or `q8_0` (8-bit blocks, lossy; see README "Weight
+    /// formats").
+    #[arg(long, env = "LLORCH_WEIGHTS", value_enum, default_value_t = WeightFormat::Stored)]
+    pub weights: WeightFormat,
 }
 
 impl ServeConfig {
@@ -114,6 +120,7 @@ impl ServeConfig {
             prefill_chunk: defaults::PREFILL_CHUNK,
             grace_secs: defaults::GRACE_SECS,
             max_message_bytes: defaults::MAX_MESSAGE_BYTES,
+            weights: WeightFormat::Stored,
         }
     }
 
@@ -366,12 +373,15 @@ pub async fn run(
         let started = Instant::now();
         crate::threads::set_threads(config.threads);
         let dir = config.model.clone();
-        let model = tokio::task::spawn_blocking(move || Gpt2::load(&dir)).await??;
+        let weights = config.weights;
+        let model = tokio::task::spawn_blocking(move || Gpt2::load_as(&dir, weights)).await??;
         let model = Arc::new(model);
         let name = served_name(config.model_name.as_deref(), &model, &config.model);
         tracing::info!(
             model = %name,
             dtype = model.dtype(),
+            stored_dtype = model.stored_dtype(),
+            kernel = model.kernel_set(),
             n_layer = model.config().n_layer,
             weight_mib = model.weight_bytes() as f64 / (1 << 20) as f64,
             threads = crate::threads::current(),

@@ -1,8 +1,10 @@
 //! Loading GPT-2 weights from a Hugging Face `model.safetensors`.
 //!
-//! The file is memory-mapped once. F32 tensors are used in place (borrowed from the map, no
-//! copy); F16 and BF16 tensors are converted to one owned F32 copy at load time, since compute
-//! is always F32. Two layouts are accepted:
+//! The file is memory-mapped once. Weight matrices ([`Weights::take_matrix`]) are held as the
+//! [`WeightFormat`] asks: by default in the type the file stores, in place (borrowed from the
+//! map, no copy), or converted once at load to F32, F16, BF16 or Q8_0 ([`Matrix`]); the map's
+//! pages of a converted tensor are then released. Other tensors (biases, LayerNorms, `wpe`) are
+//! F32: in place when the file stores F32, else an owned widened copy. Two layouts are accepted:
 //!
 //! * the hub's `openai-community/gpt2*` files: names without a prefix (`wte.weight`,
 //!   `h.0.attn.c_attn.weight`, …), the `h.{i}.attn.bias` / `h.{i}.attn.masked_bias` buffers
@@ -24,6 +26,8 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::config::ModelConfig;
 use crate::error::EngineError;
+use crate::layers::gemm::Layout;
+use crate::matrix::{FileDtype, Matrix, WeightFormat};
 
 /// One tensor as F32: borrowed from the memory map when the file stores F32 (and the data is
 /// aligned), otherwise an owned converted copy.
@@ -113,6 +117,10 @@ pub struct Weights {
     used: BTreeSet<String>,
     /// Canonical names and shapes taken, in order.
     taken: Vec<(String, Vec<usize>)>,
+    /// How matrices are held.
+    format: WeightFormat,
+    /// Bytes of the parameters and matrices taken, as held.
+    bytes: usize,
 }
 
 impl Weights {
@@ -149,7 +157,76 @@ impl Weights {
     }
 
     fn new(source: Source) -> Self {
-        Self { source, prefix: String::new(), used: BTreeSet::new(), taken: Vec::new() }
+        Self {
+            source,
+            prefix: String::new(),
+            used: BTreeSet::new(),
+            taken: Vec::new(),
+            format: WeightFormat::Stored,
+            bytes: 0,
+        }
+    }
+
+    /// Holds the matrices taken from now on as `format` says.
+    #[must_use]
+    pub fn with_format(mut self, format: WeightFormat) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// Bytes of everything taken so far, as held in memory (mapped or owned).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Takes the weight matrix `name` of a product with input width `k` and output width `n`,
+    /// stored `[k, n]` ([`Layout::KN`], Conv1D) or `[n, k]` ([`Layout::NK`], `wte`).
+    pub fn take_matrix(
+        &mut self,
+        name: &str,
+        (k, n): (usize, usize),
+        layout: Layout,
+    ) -> Result<Matrix, EngineError> {
+        if let Source::Zeros = self.source {
+            let param = self.take(name, stored_shape(layout, k, n))?;
+            return Ok(Matrix::from_f32(param.as_slice().to_vec(), layout, k, n));
+        }
+        self.take_optional_matrix(name, (k, n), layout)?
+            .ok_or_else(|| EngineError::MissingTensor(self.file_name(name)))
+    }
+
+    /// Takes the weight matrix `name` (as [`Weights::take_matrix`]) if the file has it.
+    pub fn take_optional_matrix(
+        &mut self,
+        name: &str,
+        (k, n): (usize, usize),
+        layout: Layout,
+    ) -> Result<Option<Matrix>, EngineError> {
+        let shape = stored_shape(layout, k, n);
+        let file_name = self.file_name(name);
+        let Source::File { map, index, .. } = &self.source else { return Ok(None) };
+        let Some(entry) = index.get(&file_name) else { return Ok(None) };
+        check_shape(&file_name, entry, &shape)?;
+        let dtype = match entry.dtype {
+            Dtype::F32 => FileDtype::F32,
+            Dtype::F16 => FileDtype::F16,
+            Dtype::BF16 => FileDtype::Bf16,
+            other => {
+                return Err(EngineError::TensorDtype {
+                    name: file_name,
+                    dtype: format!("{other:?}"),
+                });
+            }
+        };
+        let matrix = Matrix::from_file(map, entry.start, dtype, layout, (k, n), self.format)
+            .map_err(|reason| EngineError::WeightFormat { name: file_name.clone(), reason })?;
+        if !matrix.is_mapped() {
+            release(map, entry.start, entry.len);
+        }
+        self.bytes += matrix.bytes();
+        self.used.insert(file_name);
+        self.taken.push((format!("{}{name}", self.prefix), shape));
+        Ok(Some(matrix))
     }
 
     /// Appends `name.` to the name prefix until the returned guard is dropped; the guard
@@ -182,14 +259,9 @@ impl Weights {
         let file_name = self.file_name(name);
         let Source::File { map, index, .. } = &self.source else { return Ok(None) };
         let Some(entry) = index.get(&file_name) else { return Ok(None) };
-        if entry.shape != shape {
-            return Err(EngineError::TensorShape {
-                name: file_name,
-                expected: shape,
-                got: entry.shape.clone(),
-            });
-        }
+        check_shape(&file_name, entry, &shape)?;
         let param = to_param(&file_name, entry, map, shape.clone())?;
+        self.bytes += param.as_slice().len() * 4;
         self.used.insert(file_name);
         self.taken.push((format!("{}{name}", self.prefix), shape));
         Ok(Some(param))
@@ -278,6 +350,40 @@ pub fn expected_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     // Zeros give every required tensor, so building cannot fail.
     crate::model::Gpt2::from_weights(*cfg, &mut w).expect("every tensor exists in Weights::zeros");
     w.taken
+}
+
+/// How a matrix of a product `K → N` is stored in `layout`.
+fn stored_shape(layout: Layout, k: usize, n: usize) -> Vec<usize> {
+    match layout {
+        Layout::KN => vec![k, n],
+        Layout::NK => vec![n, k],
+    }
+}
+
+fn check_shape(file_name: &str, entry: &Entry, shape: &[usize]) -> Result<(), EngineError> {
+    if entry.shape == shape {
+        return Ok(());
+    }
+    Err(EngineError::TensorShape {
+        name: file_name.to_owned(),
+        expected: shape.to_vec(),
+        got: entry.shape.clone(),
+    })
+}
+
+/// Drops the map's pages of a tensor that was converted (so a converted model does not also
+/// keep the file's copy resident); the map stays valid and would read them back if touched.
+fn release(map: &Mmap, start: usize, len: usize) {
+    #[cfg(unix)]
+    // SAFETY: the map is a read-only shared mapping of a file, so dropping its pages loses
+    // nothing: a later read faults them back in from the file.
+    let result =
+        unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len) };
+    #[cfg(not(unix))]
+    let result: std::io::Result<()> = Ok(());
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "could not release the pages of a converted tensor");
+    }
 }
 
 fn to_param(

@@ -12,6 +12,12 @@
 //!
 //! Shapes: `x: (B, K)`, row-major; `kn` takes Conv1D weights `w: (K, N)` (`[in, out]`), `nk`
 //! takes the tied head `w: (N, K)` (`wte`, `[vocab, C]`). Outputs are `(B, N)` row-major.
+//!
+//! Weights are F32, F16 or BF16 ([`Elem`]): half-precision weights are widened to F32 as they
+//! are loaded into registers (exactly: every F16 and BF16 value is an F32 value), so a model
+//! held in F16 gives bitwise the results of the same values held in F32, reading half the
+//! bytes. On CPUs with AVX-512 the F32-family kernels run 16 lanes wide ([`Isa::Avx512`]);
+//! each element still gets the same chain of `fma`s, so every kernel gives the same bits.
 
 use std::ops::Range;
 
@@ -21,13 +27,159 @@ pub const SMALL_M: usize = 32;
 /// Columns per parallel task (a multiple of every tile width).
 const CHUNK_ALIGN: usize = 64;
 
+/// A weight element type the kernels read: F32, or F16/BF16 widened to F32 on load.
+pub trait Elem: Copy + Send + Sync + 'static {
+    /// The value as F32 (exact for every implementor).
+    fn to_f32(self) -> f32;
+
+    /// Eight consecutive values widened to F32.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and F16C, and `p..p+8` is readable.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+
+    /// Sixteen consecutive values widened to F32.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F, and `p..p+16` is readable.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller's contract.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller's contract.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
+    }
+}
+
+impl Elem for half::f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract (F16C converts 8 halves, exactly).
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract.
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
+    }
+}
+
+impl Elem for half::bf16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract. A BF16 value is the top half of its F32 value.
+        unsafe {
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(
+                p.cast(),
+            ))))
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract.
+        unsafe {
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                p.cast(),
+            ))))
+        }
+    }
+}
+
+/// The instruction sets a kernel can use, best last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    /// Plain loops (any CPU): the canonical order, for tails and as the reference.
+    Portable,
+    /// AVX2 + FMA + F16C, 8 lanes.
+    Avx2,
+    /// AVX-512F (+ VNNI for Q8_0, where the CPU has it), 16 lanes.
+    Avx512,
+}
+
+impl Isa {
+    /// The best this CPU supports (`LLORCH_ISA=portable|avx2|avx512` caps it, for measuring).
+    pub fn detect() -> Self {
+        static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *ISA.get_or_init(|| {
+            let cap = match std::env::var("LLORCH_ISA").as_deref() {
+                Ok("portable") => Isa::Portable,
+                Ok("avx2") => Isa::Avx2,
+                _ => Isa::Avx512,
+            };
+            Self::available().into_iter().filter(|&i| i <= cap).max().unwrap_or(Isa::Portable)
+        })
+    }
+
+    /// Every kernel set this CPU can run (tests run them all).
+    pub fn available() -> Vec<Self> {
+        let mut out = vec![Isa::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") && has!("f16c") {
+                out.push(Isa::Avx2);
+                if has!("avx512f") {
+                    out.push(Isa::Avx512);
+                }
+            }
+        }
+        out
+    }
+
+    /// The name in logs and reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+}
+
 /// A matrix product of the small-batch kind.
 #[derive(Debug, Clone, Copy)]
-pub struct Gemm<'a> {
+pub struct Gemm<'a, T = f32> {
     /// `x: (B, K)` row-major.
     pub x: &'a [f32],
     /// The weights.
-    pub w: &'a [f32],
+    pub w: &'a [T],
     /// `(N)` added at the end, or none.
     pub bias: Option<&'a [f32]>,
     /// Rows.
@@ -49,40 +201,52 @@ pub enum Layout {
 
 /// Raw output pointer shared by tasks that write disjoint column ranges.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(crate) struct OutPtr(pub(crate) *mut f32);
 // SAFETY: the pointer is only dereferenced by `columns`, whose tasks write disjoint column
 // ranges of one output buffer that outlives them (see `run`); sending it adds no sharing.
 unsafe impl Send for OutPtr {}
 // SAFETY: as for `Send`: tasks sharing it write disjoint columns and never read each other's.
 unsafe impl Sync for OutPtr {}
 
-/// `out: (B, N)` = the product, split by columns over the compute pool.
-pub fn run(g: Gemm<'_>, layout: Layout, out: &mut [f32]) {
+/// `out: (B, N)` = the product, split by columns over the compute pool, by the best kernel set
+/// of this CPU ([`Isa::detect`]).
+pub fn run<T: Elem>(g: Gemm<'_, T>, layout: Layout, out: &mut [f32]) {
+    run_with(Isa::detect(), g, layout, out);
+}
+
+/// [`run`] with a given kernel set, which the CPU must support (tests compare them all).
+pub fn run_with<T: Elem>(isa: Isa, g: Gemm<'_, T>, layout: Layout, out: &mut [f32]) {
     assert_eq!(g.x.len(), g.b * g.k, "x is (B, K)");
     assert_eq!(g.w.len(), g.k * g.n, "w has K·N entries");
     assert_eq!(out.len(), g.b * g.n, "out is (B, N)");
     if let Some(bias) = g.bias {
         assert_eq!(bias.len(), g.n, "bias is (N)");
     }
+    assert!(Isa::available().contains(&isa), "{isa:?} kernels on a CPU without them");
+    split_columns(g.n, out, |cols, ptr| {
+        // SAFETY: the lengths of x, w, bias and out were asserted above, and the CPU supports
+        // `isa`; `split_columns` hands each task disjoint columns within N of `out`.
+        unsafe { columns(isa, g, layout, cols, ptr) }
+    });
+}
+
+/// Runs `task` over column ranges covering `0..n` of `out: (B, n)`, split over the compute
+/// pool (one range per thread, aligned to 64 columns). Each call gets a range no other call
+/// gets, and the pointer to `out`, which is borrowed mutably until every task has finished.
+pub(crate) fn split_columns(n: usize, out: &mut [f32], task: impl Fn(Range<usize>, OutPtr) + Sync) {
     let pool = crate::threads::pool();
     let tasks = pool.current_num_threads().max(1);
-    let per = g.n.div_ceil(tasks).div_ceil(CHUNK_ALIGN) * CHUNK_ALIGN;
+    let per = n.div_ceil(tasks).div_ceil(CHUNK_ALIGN) * CHUNK_ALIGN;
     let ptr = OutPtr(out.as_mut_ptr());
-    if tasks == 1 || g.n <= CHUNK_ALIGN {
-        // SAFETY: the lengths of x, w, bias and out were asserted above; one task over all
-        // columns, and `out` is borrowed mutably for the whole call, so nothing else touches it.
-        unsafe { columns(g, layout, 0..g.n, ptr) };
+    if tasks == 1 || n <= CHUNK_ALIGN {
+        task(0..n, ptr);
         return;
     }
+    let task = &task;
     pool.scope(|s| {
-        for start in (0..g.n).step_by(per) {
-            let cols = start..(start + per).min(g.n);
-            s.spawn(move |_| {
-                // SAFETY: the lengths were asserted above; the column ranges of the tasks are
-                // disjoint and within N, and `out` is borrowed mutably until the scope has
-                // joined every task.
-                unsafe { columns(g, layout, cols, ptr) }
-            });
+        for start in (0..n).step_by(per) {
+            let cols = start..(start + per).min(n);
+            s.spawn(move |_| task(cols, ptr));
         }
     });
 }
@@ -90,21 +254,26 @@ pub fn run(g: Gemm<'_>, layout: Layout, out: &mut [f32]) {
 /// Computes output columns `cols` for every row.
 ///
 /// # Safety
-/// `g.x`, `g.w` and `g.bias` have the lengths [`run`] asserts (`B·K`, `K·N`, `N`); `cols` lies
-/// within `0..N`; `out` points to a `(B, N)` row-major buffer, valid for writes, in which no
-/// other thread reads or writes columns `cols` during the call.
-unsafe fn columns(g: Gemm<'_>, layout: Layout, cols: Range<usize>, out: OutPtr) {
+/// The CPU supports `isa`; `g.x`, `g.w` and `g.bias` have the lengths [`run`] asserts (`B·K`,
+/// `K·N`, `N`); `cols` lies within `0..N`; `out` points to a `(B, N)` row-major buffer, valid
+/// for writes, in which no other thread reads or writes columns `cols` during the call.
+unsafe fn columns<T: Elem>(
+    isa: Isa,
+    g: Gemm<'_, T>,
+    layout: Layout,
+    cols: Range<usize>,
+    out: OutPtr,
+) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: AVX2 and FMA were detected just above; the lengths, `cols` and the output
-        // are this function's own contract, which is the kernels' contract too.
-        unsafe {
-            match layout {
-                Layout::KN => avx2::kn(g, cols, out.0),
-                Layout::NK => avx2::nk(g, cols, out.0),
-            }
+    // SAFETY: the CPU supports `isa` (this function's contract); the lengths, `cols` and the
+    // output are this function's own contract, which is the kernels' contract too.
+    unsafe {
+        match (isa, layout) {
+            (Isa::Avx512, Layout::KN) if g.b == 1 => return avx512::kn_one_row(g, cols, out.0),
+            (Isa::Avx2 | Isa::Avx512, Layout::KN) => return avx2::kn(g, cols, out.0),
+            (Isa::Avx2 | Isa::Avx512, Layout::NK) => return avx2::nk(g, cols, out.0),
+            _ => {}
         }
-        return;
     }
     for col in cols {
         for row in 0..g.b {
@@ -121,11 +290,11 @@ unsafe fn columns(g: Gemm<'_>, layout: Layout, cols: Range<usize>, out: OutPtr) 
 
 /// One element, `w: (K, N)`, in the canonical order (used for tails and as the portable path).
 #[inline]
-fn dot_kn(g: Gemm<'_>, row: usize, col: usize) -> f32 {
+fn dot_kn<T: Elem>(g: Gemm<'_, T>, row: usize, col: usize) -> f32 {
     let x = &g.x[row * g.k..(row + 1) * g.k];
     let mut acc = 0.0f32;
     for (kk, &xv) in x.iter().enumerate() {
-        acc = xv.mul_add(g.w[kk * g.n + col], acc);
+        acc = xv.mul_add(g.w[kk * g.n + col].to_f32(), acc);
     }
     acc + g.bias.map_or(0.0, |b| b[col])
 }
@@ -133,26 +302,26 @@ fn dot_kn(g: Gemm<'_>, row: usize, col: usize) -> f32 {
 /// One element, `w: (N, K)`: eight lane sums over `k` in order, reduced by [`hsum8`], then the
 /// `K mod 8` tail in order — the same arithmetic as the vector kernel.
 #[inline]
-fn dot_nk(g: Gemm<'_>, row: usize, col: usize) -> f32 {
+fn dot_nk<T: Elem>(g: Gemm<'_, T>, row: usize, col: usize) -> f32 {
     let x = &g.x[row * g.k..(row + 1) * g.k];
     let w = &g.w[col * g.k..(col + 1) * g.k];
     let main = g.k - g.k % 8;
     let mut lanes = [0.0f32; 8];
     for c in (0..main).step_by(8) {
         for l in 0..8 {
-            lanes[l] = x[c + l].mul_add(w[c + l], lanes[l]);
+            lanes[l] = x[c + l].mul_add(w[c + l].to_f32(), lanes[l]);
         }
     }
     let mut acc = hsum8(lanes);
     for c in main..g.k {
-        acc = x[c].mul_add(w[c], acc);
+        acc = x[c].mul_add(w[c].to_f32(), acc);
     }
     acc + g.bias.map_or(0.0, |b| b[col])
 }
 
 /// The fixed reduction tree of eight lanes.
 #[inline]
-fn hsum8(l: [f32; 8]) -> f32 {
+pub(crate) fn hsum8(l: [f32; 8]) -> f32 {
     let q = [l[0] + l[4], l[1] + l[5], l[2] + l[6], l[3] + l[7]];
     let h = [q[0] + q[2], q[1] + q[3]];
     h[0] + h[1]
@@ -165,7 +334,7 @@ mod avx2 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{Gemm, dot_nk, hsum8};
+    use super::{Elem, Gemm, dot_nk, hsum8};
 
     /// Rows of `w` per k-block: 16 rows of a gpt2-small matrix (2304 columns) are 147 KB, so a
     /// block streams from memory once (sequentially) and is then re-read from L2 by every tile.
@@ -182,8 +351,8 @@ mod avx2 {
     /// The CPU supports AVX2 and FMA, and the contract of [`super::columns`] holds: `g`'s
     /// slices have the lengths `run` asserts, `cols` lies within `0..N`, and `out` is a
     /// `(B, N)` row-major buffer whose columns `cols` no other thread touches during the call.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn kn(g: Gemm<'_>, cols: Range<usize>, out: *mut f32) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn kn<T: Elem>(g: Gemm<'_, T>, cols: Range<usize>, out: *mut f32) {
         let vec_end = cols.start + (cols.end - cols.start) / 8 * 8;
         // SAFETY: this function's contract. Every index stays in bounds: rows below B, `k` below
         // K, columns in `cols` (the vector parts in `cols.start..vec_end`, whose length is a
@@ -204,7 +373,7 @@ mod avx2 {
                 for c in vec_end..cols.end {
                     let mut acc = 0.0f32;
                     for kk in 0..g.k {
-                        acc = (*x.add(kk)).mul_add(*g.w.as_ptr().add(kk * g.n + c), acc);
+                        acc = (*x.add(kk)).mul_add((*g.w.as_ptr().add(kk * g.n + c)).to_f32(), acc);
                     }
                     *out.add(row * g.n + c) = acc;
                 }
@@ -239,16 +408,16 @@ mod avx2 {
     /// # Safety
     /// [`kn`]'s contract, with `B = 1` and `cols.len()` a multiple of 8.
     #[inline(always)]
-    unsafe fn axpy_rows(g: Gemm<'_>, cols: Range<usize>, out: *mut f32) {
+    unsafe fn axpy_rows<T: Elem>(g: Gemm<'_, T>, cols: Range<usize>, out: *mut f32) {
         // SAFETY: this function's contract; `k0 + 4 ≤ K` and `k0 < K` as `axpy_group` needs.
         unsafe {
             let mut k0 = 0;
             while k0 + 4 <= g.k {
-                axpy_group::<4>(g, k0, cols.clone(), out);
+                axpy_group::<T, 4>(g, k0, cols.clone(), out);
                 k0 += 4;
             }
             while k0 < g.k {
-                axpy_group::<1>(g, k0, cols.clone(), out);
+                axpy_group::<T, 1>(g, k0, cols.clone(), out);
                 k0 += 1;
             }
         }
@@ -259,8 +428,8 @@ mod avx2 {
     /// # Safety
     /// [`axpy_rows`]'s contract, and `k0 + KG ≤ K`.
     #[inline(always)]
-    unsafe fn axpy_group<const KG: usize>(
-        g: Gemm<'_>,
+    unsafe fn axpy_group<T: Elem, const KG: usize>(
+        g: Gemm<'_, T>,
         k0: usize,
         cols: Range<usize>,
         out: *mut f32,
@@ -278,7 +447,7 @@ mod avx2 {
                 let o = out.add(c);
                 let mut acc = _mm256_loadu_ps(o);
                 for (r, &xv) in xb.iter().enumerate() {
-                    acc = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w.add(r * g.n + c)), acc);
+                    acc = _mm256_fmadd_ps(xv, T::load8(w.add(r * g.n + c)), acc);
                 }
                 _mm256_storeu_ps(o, acc);
                 c += 8;
@@ -292,7 +461,7 @@ mod avx2 {
     /// # Safety
     /// [`kn`]'s contract, with `cols.len()` a multiple of 8.
     #[inline(always)]
-    unsafe fn blocked_tiles(g: Gemm<'_>, cols: Range<usize>, out: *mut f32) {
+    unsafe fn blocked_tiles<T: Elem>(g: Gemm<'_, T>, cols: Range<usize>, out: *mut f32) {
         // SAFETY: this function's contract; each tile gets `row + rows ≤ B`, 8 or 16 columns
         // within `cols`, and `k0 + kb ≤ K`, as `tile` needs. A prefetch never faults, and its
         // address is inside `w` (`kk < K`, `c < N`).
@@ -313,14 +482,14 @@ mod avx2 {
                     while row < g.b {
                         let rows = (g.b - row).min(4);
                         match (rows, wide) {
-                            (4, true) => tile::<4, 2>(g, row, c, k0, kb, out),
-                            (3, true) => tile::<3, 2>(g, row, c, k0, kb, out),
-                            (2, true) => tile::<2, 2>(g, row, c, k0, kb, out),
-                            (1, true) => tile::<1, 2>(g, row, c, k0, kb, out),
-                            (4, false) => tile::<4, 1>(g, row, c, k0, kb, out),
-                            (3, false) => tile::<3, 1>(g, row, c, k0, kb, out),
-                            (2, false) => tile::<2, 1>(g, row, c, k0, kb, out),
-                            _ => tile::<1, 1>(g, row, c, k0, kb, out),
+                            (4, true) => tile::<T, 4, 2>(g, row, c, k0, kb, out),
+                            (3, true) => tile::<T, 3, 2>(g, row, c, k0, kb, out),
+                            (2, true) => tile::<T, 2, 2>(g, row, c, k0, kb, out),
+                            (1, true) => tile::<T, 1, 2>(g, row, c, k0, kb, out),
+                            (4, false) => tile::<T, 4, 1>(g, row, c, k0, kb, out),
+                            (3, false) => tile::<T, 3, 1>(g, row, c, k0, kb, out),
+                            (2, false) => tile::<T, 2, 1>(g, row, c, k0, kb, out),
+                            _ => tile::<T, 1, 1>(g, row, c, k0, kb, out),
                         }
                         row += rows;
                     }
@@ -337,8 +506,8 @@ mod avx2 {
     /// [`kn`]'s contract, with `row + BB ≤ B`, `col..col + 8·NV` inside the caller's `cols`,
     /// and `k0 + kb ≤ K`.
     #[inline(always)]
-    unsafe fn tile<const BB: usize, const NV: usize>(
-        g: Gemm<'_>,
+    unsafe fn tile<T: Elem, const BB: usize, const NV: usize>(
+        g: Gemm<'_, T>,
         row: usize,
         col: usize,
         k0: usize,
@@ -359,7 +528,7 @@ mod avx2 {
                 let wr = w.add(kk * g.n);
                 let mut wv = [_mm256_setzero_ps(); NV];
                 for (v, slot) in wv.iter_mut().enumerate() {
-                    *slot = _mm256_loadu_ps(wr.add(8 * v));
+                    *slot = T::load8(wr.add(8 * v));
                 }
                 for (b, acc_b) in acc.iter_mut().enumerate() {
                     let xb = _mm256_broadcast_ss(&*x.add(b * g.k + kk));
@@ -381,8 +550,8 @@ mod avx2 {
     ///
     /// # Safety
     /// As [`kn`]'s (with `w` read as `(N, K)`).
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn nk(g: Gemm<'_>, cols: Range<usize>, out: *mut f32) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn nk<T: Elem>(g: Gemm<'_, T>, cols: Range<usize>, out: *mut f32) {
         let mut col = cols.start;
         let end = cols.end;
         // SAFETY: this function's contract; each tile gets `row + BB ≤ B` and
@@ -391,17 +560,17 @@ mod avx2 {
         unsafe {
             while col + 4 <= end {
                 if g.b == 1 && col + 8 <= end {
-                    tile_nk::<1, 8>(g, 0, col, out);
+                    tile_nk::<T, 1, 8>(g, 0, col, out);
                     col += 8;
                     continue;
                 }
                 let mut row = 0;
                 while row + 2 <= g.b {
-                    tile_nk::<2, 4>(g, row, col, out);
+                    tile_nk::<T, 2, 4>(g, row, col, out);
                     row += 2;
                 }
                 if row < g.b {
-                    tile_nk::<1, 4>(g, row, col, out);
+                    tile_nk::<T, 1, 4>(g, row, col, out);
                 }
                 col += 4;
             }
@@ -418,8 +587,8 @@ mod avx2 {
     /// # Safety
     /// [`nk`]'s contract, with `row + BB ≤ B` and `col..col + VV` inside the caller's `cols`.
     #[inline(always)]
-    unsafe fn tile_nk<const BB: usize, const VV: usize>(
-        g: Gemm<'_>,
+    unsafe fn tile_nk<T: Elem, const BB: usize, const VV: usize>(
+        g: Gemm<'_, T>,
         row: usize,
         col: usize,
         out: *mut f32,
@@ -435,7 +604,7 @@ mod avx2 {
             while c < main {
                 let mut wv = [_mm256_setzero_ps(); VV];
                 for (v, slot) in wv.iter_mut().enumerate() {
-                    *slot = _mm256_loadu_ps(w.add(v * g.k + c));
+                    *slot = T::load8(w.add(v * g.k + c));
                 }
                 for (b, acc_b) in acc.iter_mut().enumerate() {
                     let xb = _mm256_loadu_ps(x.add(b * g.k + c));
@@ -452,11 +621,96 @@ mod avx2 {
                     let mut s = hsum8(lanes);
                     let (xr, wr) = (x.add(b * g.k), w.add(v * g.k));
                     for t in main..g.k {
-                        s = (*xr.add(t)).mul_add(*wr.add(t), s);
+                        s = (*xr.add(t)).mul_add((*wr.add(t)).to_f32(), s);
                     }
                     let cidx = col + v;
                     *out.add((row + b) * g.n + cidx) = s + g.bias.map_or(0.0, |bias| bias[cidx]);
                 }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    //! AVX-512 for the one-row product of Conv1D weights (a lone decode step): the axpy form of
+    //! `avx2::axpy_rows` at 16 lanes, the same `fma` chain per element.
+
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    use super::{Elem, Gemm, avx2};
+
+    /// `w: (K, N)`, `B = 1`: columns in whole groups of 16 here, the rest by [`avx2::kn`].
+    ///
+    /// # Safety
+    /// The CPU supports AVX-512F, AVX2, FMA and F16C, and the contract of
+    /// [`super::columns`] holds.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub(super) unsafe fn kn_one_row<T: Elem>(g: Gemm<'_, T>, cols: Range<usize>, out: *mut f32) {
+        debug_assert_eq!(g.b, 1);
+        let v16 = cols.start + (cols.end - cols.start) / 16 * 16;
+        // SAFETY: this function's contract: `x` has K values, `w` K·N, `bias` N; every column
+        // touched lies in `cols.start..v16` ⊆ `cols`, in whole groups of 16.
+        unsafe {
+            let mut c = cols.start;
+            while c < v16 {
+                _mm512_storeu_ps(out.add(c), _mm512_setzero_ps());
+                c += 16;
+            }
+            let mut k0 = 0;
+            while k0 + 4 <= g.k {
+                group::<T, 4>(g, k0, cols.start..v16, out);
+                k0 += 4;
+            }
+            while k0 < g.k {
+                group::<T, 1>(g, k0, cols.start..v16, out);
+                k0 += 1;
+            }
+            let mut c = cols.start;
+            while c < v16 {
+                let o = out.add(c);
+                // `+ 0.0` without a bias, as the canonical order (`dot_kn`) ends.
+                let b = match g.bias {
+                    Some(bias) => _mm512_loadu_ps(bias.as_ptr().add(c)),
+                    None => _mm512_setzero_ps(),
+                };
+                _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), b));
+                c += 16;
+            }
+            if v16 < cols.end {
+                avx2::kn(g, v16..cols.end, out);
+            }
+        }
+    }
+
+    /// `out[cols] += x[k0..k0+KG] · w[k0..k0+KG][cols]`, sixteen columns at a time.
+    ///
+    /// # Safety
+    /// [`kn_one_row`]'s contract, `k0 + KG ≤ K`, and `cols` whole groups of 16.
+    #[inline(always)]
+    unsafe fn group<T: Elem, const KG: usize>(
+        g: Gemm<'_, T>,
+        k0: usize,
+        cols: Range<usize>,
+        out: *mut f32,
+    ) {
+        // SAFETY: this function's contract bounds every index.
+        unsafe {
+            let mut xb = [_mm512_setzero_ps(); KG];
+            for (r, slot) in xb.iter_mut().enumerate() {
+                *slot = _mm512_set1_ps(*g.x.as_ptr().add(k0 + r));
+            }
+            let w = g.w.as_ptr().add(k0 * g.n);
+            let mut c = cols.start;
+            while c < cols.end {
+                let o = out.add(c);
+                let mut acc = _mm512_loadu_ps(o);
+                for (r, &xv) in xb.iter().enumerate() {
+                    acc = _mm512_fmadd_ps(xv, T::load16(w.add(r * g.n + c)), acc);
+                }
+                _mm512_storeu_ps(o, acc);
+                c += 16;
             }
         }
     }

@@ -14,26 +14,32 @@
 
 pub mod gemm;
 pub mod naive;
+pub mod q8;
 
 use ndarray::linalg::general_mat_mul;
 use ndarray::{ArrayView1, ArrayView2, ArrayViewMut2, Axis, s};
 use rayon::prelude::*;
 
+use crate::matrix::Matrix;
+
 /// `√(2/π)`, the constant of the tanh GELU.
 const GELU_SCALE: f32 = 0.797_884_6;
 
-/// Token plus position embedding: `wte: (V, C)`, `wpe: (n_ctx, C)`, `tokens: N`,
-/// `positions: N` → `out: (N, C)`.
+/// Token plus position embedding: `wte: (V, C)` (in any weight type, widened to F32),
+/// `wpe: (n_ctx, C)`, `tokens: N`, `positions: N` → `out: (N, C)`.
 pub fn encoder(
     mut out: ArrayViewMut2<'_, f32>,
-    wte: ArrayView2<'_, f32>,
+    wte: &Matrix,
     wpe: ArrayView2<'_, f32>,
     tokens: &[u32],
     positions: &[usize],
 ) {
     for ((mut row, &tok), &pos) in out.rows_mut().into_iter().zip(tokens).zip(positions) {
-        let (t, p) = (wte.row(tok as usize), wpe.row(pos));
-        ndarray::Zip::from(&mut row).and(&t).and(&p).for_each(|o, &a, &b| *o = a + b);
+        let row = row.as_slice_mut().expect("rows are contiguous");
+        wte.row_into(tok as usize, row);
+        for (o, &p) in row.iter_mut().zip(wpe.row(pos)) {
+            *o += p;
+        }
     }
 }
 
@@ -71,32 +77,23 @@ pub enum Kernel {
     Sgemm,
 }
 
-/// Conv1D: `x: (N, IN), w: (IN, OUT), b: (OUT)` → `out: (N, OUT) = x·w + b`, by `kernel`.
+/// Conv1D: `x: (N, IN), w: IN → OUT, b: (OUT)` → `out: (N, OUT) = x·w + b`, by `kernel`.
 pub fn matmul(
     mut out: ArrayViewMut2<'_, f32>,
     x: ArrayView2<'_, f32>,
-    w: ArrayView2<'_, f32>,
+    w: &Matrix,
     b: ArrayView1<'_, f32>,
     kernel: Kernel,
 ) {
-    let (n, k) = x.dim();
+    let b = b.as_slice().expect("bias is contiguous");
     match kernel {
-        Kernel::SmallBatch => {
-            let g = gemm::Gemm {
-                x: x.as_slice().expect("activation rows are contiguous"),
-                w: w.as_slice().expect("weights are contiguous"),
-                bias: Some(b.as_slice().expect("bias is contiguous")),
-                b: n,
-                k,
-                n: w.ncols(),
-            };
-            gemm::run(g, gemm::Layout::KN, out.as_slice_mut().expect("output rows are contiguous"));
-        }
-        Kernel::Sgemm => {
-            let dim = out.raw_dim();
-            out.assign(&b.broadcast(dim).expect("bias matches the output width"));
-            general_mat_mul(1.0, &x, &w, 1.0, &mut out);
-        }
+        Kernel::SmallBatch => w.small_batch(
+            x.as_slice().expect("activation rows are contiguous"),
+            Some(b),
+            x.nrows(),
+            out.as_slice_mut().expect("output rows are contiguous"),
+        ),
+        Kernel::Sgemm => w.sgemm(x, b, out),
     }
 }
 
@@ -105,7 +102,11 @@ pub fn matmul(
 /// share one call only when this holds, so that batching never changes a stream's tokens.
 /// OpenBLAS does not promise it, so the engine checks it at load time on the model's own
 /// weight shapes: products of 2, 3 and 4 rows against the same rows inside one 9-row call.
-pub fn sgemm_rows_invariant(w: ArrayView2<'_, f32>) -> bool {
+pub fn sgemm_rows_invariant(w: &Matrix) -> bool {
+    w.with_f32(sgemm_rows_invariant_f32)
+}
+
+fn sgemm_rows_invariant_f32(w: ArrayView2<'_, f32>) -> bool {
     let k = w.nrows();
     let mut state = 0x2545_F491_4F6C_DD1Du64;
     let x = ndarray::Array2::from_shape_fn((9, k), |_| {
@@ -129,17 +130,13 @@ pub fn sgemm_rows_invariant(w: ArrayView2<'_, f32>) -> bool {
 /// The LM head: `x: (N, C), wte: (V, C)` → `out: (N, V) = x·wteᵀ` (no bias). Always the
 /// batch-invariant kernel: the logits of a row are bitwise the same whether it is computed
 /// alone, in a decode batch or among all rows of a prompt (checkpoint 9).
-pub fn lm_head(mut out: ArrayViewMut2<'_, f32>, x: ArrayView2<'_, f32>, wte: ArrayView2<'_, f32>) {
-    let (n, c) = x.dim();
-    let g = gemm::Gemm {
-        x: x.as_slice().expect("activation rows are contiguous"),
-        w: wte.as_slice().expect("wte is contiguous"),
-        bias: None,
-        b: n,
-        k: c,
-        n: wte.nrows(),
-    };
-    gemm::run(g, gemm::Layout::NK, out.as_slice_mut().expect("output rows are contiguous"));
+pub fn lm_head(mut out: ArrayViewMut2<'_, f32>, x: ArrayView2<'_, f32>, wte: &Matrix) {
+    wte.small_batch(
+        x.as_slice().expect("activation rows are contiguous"),
+        None,
+        x.nrows(),
+        out.as_slice_mut().expect("output rows are contiguous"),
+    );
 }
 
 /// GPT-2's GELU, the tanh form (`gelu_new`), in place: `x: (N, F)`. Large inputs (prefill)

@@ -3,6 +3,7 @@
 use ndarray::{Array1, Array2, s};
 
 use super::*;
+use crate::matrix::WeightFormat;
 
 /// Deterministic pseudo-random values in [-scale, scale).
 fn filled(shape: (usize, usize), seed: u64, scale: f32) -> Array2<f32> {
@@ -39,28 +40,78 @@ fn layernorm_matches_the_loop_version() {
     assert_close(&out, &naive::layernorm(x.view(), w.view(), b.view(), 1e-5), 1e-5);
 }
 
+/// The values a matrix held as `format` stands for, widened back to F32 (`(K, N)`).
+fn held(w: &Array2<f32>, format: WeightFormat, layout: gemm::Layout) -> (Matrix, Array2<f32>) {
+    let (k, n) = match layout {
+        gemm::Layout::KN => w.dim(),
+        gemm::Layout::NK => (w.ncols(), w.nrows()),
+    };
+    let m = Matrix::from_f32(w.iter().copied().collect(), layout, k, n).convert(format);
+    let mut wide = Array2::zeros((k, n));
+    m.with_f32(|v| wide.assign(&v));
+    (m, wide)
+}
+
+const FORMATS: [WeightFormat; 4] =
+    [WeightFormat::F32, WeightFormat::F16, WeightFormat::Bf16, WeightFormat::Q8_0];
+
 #[test]
-fn matmul_matches_the_loop_version_for_one_and_many_rows() {
-    let w = filled((40, 72), 4, 0.5);
+fn matmul_matches_the_loop_version_for_one_and_many_rows_in_every_weight_type() {
+    let w = filled((64, 72), 4, 0.5);
     let b = filled((1, 72), 5, 0.5).row(0).to_owned();
-    for n in [1, 2, 7] {
-        let x = filled((n, 40), 6 + n as u64, 1.0);
-        for kernel in [Kernel::SmallBatch, Kernel::Sgemm] {
-            let mut out = Array2::zeros((n, 72));
-            matmul(out.view_mut(), x.view(), w.view(), b.view(), kernel);
-            assert_close(&out, &naive::matmul(x.view(), w.view(), Some(b.view())), 1e-5);
+    for format in FORMATS {
+        let (m, wide) = held(&w, format, gemm::Layout::KN);
+        // sgemm, and the small-batch kernels of F32, F16 and BF16, compute on the held values
+        // exactly; Q8_0's kernel also rounds the activations to 8 bits per block (steps of
+        // max|x|/127 ≤ 1/127 here, times |w| ≤ 0.5, over 64 terms: ≤ 0.13, far less in fact).
+        let tol = if format == WeightFormat::Q8_0 { 0.1 } else { 1e-5 };
+        for n in [1, 2, 7] {
+            let x = filled((n, 64), 6 + n as u64, 1.0);
+            let want = naive::matmul(x.view(), wide.view(), Some(b.view()));
+            for kernel in [Kernel::SmallBatch, Kernel::Sgemm] {
+                let mut out = Array2::zeros((n, 72));
+                matmul(out.view_mut(), x.view(), &m, b.view(), kernel);
+                assert_close(&out, &want, if kernel == Kernel::Sgemm { 1e-5 } else { tol });
+            }
+        }
+    }
+}
+
+#[test]
+fn half_precision_weights_give_the_bits_of_their_f32_values() {
+    let w = filled((64, 72), 4, 0.5);
+    for format in [WeightFormat::F16, WeightFormat::Bf16] {
+        for layout in [gemm::Layout::KN, gemm::Layout::NK] {
+            let (m, wide) = held(&w, format, layout);
+            let values = match layout {
+                gemm::Layout::KN => wide.iter().copied().collect(),
+                gemm::Layout::NK => wide.t().iter().copied().collect(),
+            };
+            let upcast = Matrix::from_f32(values, layout, m.k(), m.n());
+            let x = filled((5, m.k()), 11, 1.0);
+            for rows in [1, 5] {
+                let xs = x.slice(s![..rows, ..]);
+                let (mut a, mut b) = (vec![0.0; rows * m.n()], vec![0.0; rows * m.n()]);
+                m.small_batch(xs.as_slice().unwrap(), None, rows, &mut a);
+                upcast.small_batch(xs.as_slice().unwrap(), None, rows, &mut b);
+                assert_eq!(a, b, "{format:?} {layout:?} {rows} rows");
+            }
         }
     }
 }
 
 #[test]
 fn lm_head_is_x_times_wte_transposed() {
-    let wte = filled((100, 24), 7, 1.0);
-    for n in [1, 3] {
-        let x = filled((n, 24), 8, 1.0);
-        let mut out = Array2::zeros((n, 100));
-        lm_head(out.view_mut(), x.view(), wte.view());
-        assert_close(&out, &naive::matmul(x.view(), wte.t(), None), 1e-5);
+    let wte = filled((100, 64), 7, 1.0);
+    for format in FORMATS {
+        let (m, wide) = held(&wte, format, gemm::Layout::NK);
+        let tol = if format == WeightFormat::Q8_0 { 0.2 } else { 1e-5 };
+        for n in [1, 3] {
+            let x = filled((n, 64), 8, 1.0);
+            let mut out = Array2::zeros((n, 100));
+            lm_head(out.view_mut(), x.view(), &m);
+            assert_close(&out, &naive::matmul(x.view(), wide.view(), None), tol);
+        }
     }
 }
 

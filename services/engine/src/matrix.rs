@@ -1,0 +1,370 @@
+//! Weight matrices in the type they are held in: F32, F16 or BF16 (in place in the memory map
+//! when the file stores that type, else one owned converted copy), or Q8_0 blocks.
+//!
+//! Every product computes in F32. Decode steps go through the small-batch kernels, which
+//! widen F16/BF16 weights to F32 in registers and accumulate exactly as for F32 weights, so an
+//! F16 model gives bitwise the logits of the same model upcast to F32 while reading half the
+//! bytes per token. Q8_0 is GGUF's block layout (32 weights, one F16 scale) and is lossy; its
+//! kernel is an integer dot product ([`crate::layers::q8`]). Prefill chunks go through
+//! `sgemm`, which needs F32: a non-F32 matrix is widened into a reused per-thread buffer, one
+//! matrix at a time, before its product (see [`Matrix::with_f32`]).
+//!
+//! A product is `x: (B, K) · W → (B, N)`. Conv1D weights are stored `[K, N]`
+//! ([`Layout::KN`]); the tied head `wte` is `[N, K]` ([`Layout::NK`]). Q8_0 blocks always run
+//! along K, so Conv1D weights are transposed when they are quantized.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use ndarray::{ArrayView2, ArrayViewMut2};
+use rayon::prelude::*;
+
+use crate::layers::gemm::{self, Gemm, Layout};
+use crate::layers::q8::{self, BlockQ8_0, QK8_0};
+
+/// How the engine holds its weight matrices (`--weights`, `LLORCH_WEIGHTS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum WeightFormat {
+    /// As the file stores them (F32, F16 or BF16), in place.
+    #[default]
+    Stored,
+    /// F32 (F16/BF16 files are widened, losslessly).
+    F32,
+    /// F16 (F32 files are rounded to nearest; BF16 files are refused, as the conversion would
+    /// lose range).
+    F16,
+    /// BF16 (F32 files are rounded to nearest even; F16 files are refused).
+    Bf16,
+    /// GGUF's Q8_0: blocks of 32 weights along the input dimension, one F16 scale each (lossy;
+    /// needs every product's input width to be a multiple of 32).
+    #[value(name = "q8_0")]
+    Q8_0,
+}
+
+impl WeightFormat {
+    /// The name used on the command line and in reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stored => "stored",
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Bf16 => "bf16",
+            Self::Q8_0 => "q8_0",
+        }
+    }
+}
+
+/// Values of one element type, borrowed from the memory map or owned.
+#[derive(Debug)]
+enum Store<T> {
+    Mapped { map: Arc<Mmap>, start: usize, len: usize },
+    Owned(Vec<T>),
+}
+
+impl<T: bytemuck::Pod> Store<T> {
+    fn as_slice(&self) -> &[T] {
+        match self {
+            // Alignment and length were checked when the store was made (`Store::mapped`).
+            Self::Mapped { map, start, len } => {
+                bytemuck::cast_slice(&map[*start..*start + *len * size_of::<T>()])
+            }
+            Self::Owned(v) => v,
+        }
+    }
+
+    /// The bytes `start..start + len·size_of::<T>()` of `map` in place, when they are aligned
+    /// for `T` (and the machine is little-endian, as the file is); `None` otherwise.
+    fn mapped(map: &Arc<Mmap>, start: usize, len: usize) -> Option<Self> {
+        let bytes = &map[start..start + len * size_of::<T>()];
+        (cfg!(target_endian = "little") && bytemuck::try_cast_slice::<u8, T>(bytes).is_ok())
+            .then(|| Self::Mapped { map: Arc::clone(map), start, len })
+    }
+}
+
+#[derive(Debug)]
+enum Data {
+    F32(Store<f32>),
+    F16(Store<half::f16>),
+    Bf16(Store<half::bf16>),
+    /// `(N, K/32)` blocks, row-major: the blocks of output column `n` are contiguous.
+    Q8_0(Vec<BlockQ8_0>),
+}
+
+/// One weight matrix of a product `x: (B, K) · W → (B, N)`.
+#[derive(Debug)]
+pub struct Matrix {
+    data: Data,
+    /// How F32/F16/BF16 values are laid out (Q8_0 is always [`Layout::NK`]).
+    layout: Layout,
+    k: usize,
+    n: usize,
+}
+
+/// The storage type of a tensor in the file, for [`Matrix::from_file`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileDtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl Matrix {
+    /// A matrix from `len = K·N` values of type `dtype` at `start..` in `map`, stored in
+    /// `layout`, held as `format` says. Returns `None` when the conversion is refused (F16 ↔
+    /// BF16) or impossible (Q8_0 with `K` not a multiple of 32); the caller names the tensor.
+    pub fn from_file(
+        map: &Arc<Mmap>,
+        start: usize,
+        dtype: FileDtype,
+        layout: Layout,
+        (k, n): (usize, usize),
+        format: WeightFormat,
+    ) -> Result<Self, String> {
+        let len = k * n;
+        let bytes = &map[start..start + len * dtype.size()];
+        let widen = || -> Vec<f32> {
+            match dtype {
+                FileDtype::F32 => bytes
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+                FileDtype::F16 => bytes
+                    .chunks_exact(2)
+                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+                FileDtype::Bf16 => bytes
+                    .chunks_exact(2)
+                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+            }
+        };
+        let data = match (format, dtype) {
+            (WeightFormat::Stored | WeightFormat::F32, FileDtype::F32) => {
+                Data::F32(Store::mapped(map, start, len).unwrap_or_else(|| Store::Owned(widen())))
+            }
+            (WeightFormat::F32, _) => Data::F32(Store::Owned(widen())),
+            (WeightFormat::Stored | WeightFormat::F16, FileDtype::F16) => {
+                Data::F16(Store::mapped(map, start, len).unwrap_or_else(|| {
+                    Store::Owned(widen().into_iter().map(half::f16::from_f32).collect())
+                }))
+            }
+            (WeightFormat::Stored | WeightFormat::Bf16, FileDtype::Bf16) => {
+                Data::Bf16(Store::mapped(map, start, len).unwrap_or_else(|| {
+                    Store::Owned(widen().into_iter().map(half::bf16::from_f32).collect())
+                }))
+            }
+            (WeightFormat::F16, FileDtype::F32) => {
+                Data::F16(Store::Owned(widen().into_iter().map(half::f16::from_f32).collect()))
+            }
+            (WeightFormat::Bf16, FileDtype::F32) => {
+                Data::Bf16(Store::Owned(widen().into_iter().map(half::bf16::from_f32).collect()))
+            }
+            (WeightFormat::F16 | WeightFormat::Bf16, _) => {
+                return Err(format!(
+                    "the file stores {dtype:?}; converting it to {} would round twice (use \
+                     --weights stored or f32)",
+                    format.as_str()
+                ));
+            }
+            (WeightFormat::Q8_0, _) => {
+                if k % QK8_0 != 0 {
+                    return Err(format!(
+                        "q8_0 needs the input width to be a multiple of {QK8_0}, and it is {k}"
+                    ));
+                }
+                let values = widen();
+                Data::Q8_0(q8::quantize_matrix(&values, layout, k, n))
+            }
+        };
+        Ok(Self { data, layout, k, n })
+    }
+
+    /// An owned F32 matrix (tests, and models built in memory).
+    pub fn from_f32(values: Vec<f32>, layout: Layout, k: usize, n: usize) -> Self {
+        assert_eq!(values.len(), k * n, "a matrix of K·N values");
+        Self { data: Data::F32(Store::Owned(values)), layout, k, n }
+    }
+
+    /// The matrix held as `format` (from this matrix's values widened to F32; `Stored` keeps
+    /// F32). Used by tests and the Q8_0 error measurement.
+    pub fn convert(&self, format: WeightFormat) -> Self {
+        let values = self.to_f32_layout();
+        let (k, n, layout) = (self.k, self.n, self.layout);
+        let data = match format {
+            WeightFormat::Stored | WeightFormat::F32 => Data::F32(Store::Owned(values)),
+            WeightFormat::F16 => {
+                Data::F16(Store::Owned(values.into_iter().map(half::f16::from_f32).collect()))
+            }
+            WeightFormat::Bf16 => {
+                Data::Bf16(Store::Owned(values.into_iter().map(half::bf16::from_f32).collect()))
+            }
+            WeightFormat::Q8_0 => Data::Q8_0(q8::quantize_matrix(&values, layout, k, n)),
+        };
+        Self { data, layout, k, n }
+    }
+
+    /// Input width `K`.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Output width `N`.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// "F32", "F16", "BF16" or "Q8_0".
+    pub fn dtype(&self) -> &'static str {
+        match self.data {
+            Data::F32(_) => "F32",
+            Data::F16(_) => "F16",
+            Data::Bf16(_) => "BF16",
+            Data::Q8_0(_) => "Q8_0",
+        }
+    }
+
+    /// Bytes the values take.
+    pub fn bytes(&self) -> usize {
+        match &self.data {
+            Data::F32(s) => s.as_slice().len() * 4,
+            Data::F16(s) => s.as_slice().len() * 2,
+            Data::Bf16(s) => s.as_slice().len() * 2,
+            Data::Q8_0(b) => b.len() * size_of::<BlockQ8_0>(),
+        }
+    }
+
+    /// Whether the values are used in place from the memory map.
+    pub fn is_mapped(&self) -> bool {
+        matches!(
+            &self.data,
+            Data::F32(Store::Mapped { .. })
+                | Data::F16(Store::Mapped { .. })
+                | Data::Bf16(Store::Mapped { .. })
+        )
+    }
+
+    /// `out: (B, N) = x·W (+ bias)` by the batch-invariant small-batch kernel of this type.
+    pub fn small_batch(&self, x: &[f32], bias: Option<&[f32]>, b: usize, out: &mut [f32]) {
+        let (k, n, layout) = (self.k, self.n, self.layout);
+        match &self.data {
+            Data::F32(s) => gemm::run(Gemm { x, w: s.as_slice(), bias, b, k, n }, layout, out),
+            Data::F16(s) => gemm::run(Gemm { x, w: s.as_slice(), bias, b, k, n }, layout, out),
+            Data::Bf16(s) => gemm::run(Gemm { x, w: s.as_slice(), bias, b, k, n }, layout, out),
+            Data::Q8_0(blocks) => q8::run(x, blocks, bias, b, k, n, out),
+        }
+    }
+
+    /// `out = x·W + bias` by OpenBLAS `sgemm` (prefill): on the F32 values in place, or on a
+    /// per-thread F32 copy of this matrix made for the call.
+    pub fn sgemm(&self, x: ArrayView2<'_, f32>, bias: &[f32], mut out: ArrayViewMut2<'_, f32>) {
+        let bias = ndarray::ArrayView1::from(bias);
+        let dim = out.raw_dim();
+        out.assign(&bias.broadcast(dim).expect("bias matches the output width"));
+        self.with_f32(|w| ndarray::linalg::general_mat_mul(1.0, &x, &w, 1.0, &mut out));
+    }
+
+    /// Calls `f` with the matrix as an F32 `(K, N)` view: in place for F32, else widened into
+    /// a buffer that each thread keeps and reuses (the largest matrix of the model, e.g. 9.4 MB
+    /// for gpt2-small), split over the compute pool.
+    pub fn with_f32<R>(&self, f: impl FnOnce(ArrayView2<'_, f32>) -> R) -> R {
+        if let Data::F32(s) = &self.data {
+            return f(self.view_of(s.as_slice()));
+        }
+        thread_local! {
+            static WIDE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+        }
+        WIDE.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            buf.resize(self.k * self.n, 0.0);
+            self.widen_into(&mut buf);
+            f(self.view_of(&buf))
+        })
+    }
+
+    /// A `(K, N)` view of values laid out as this matrix's F32 form (Q8_0 widens to `(N, K)`).
+    fn view_of<'a>(&self, values: &'a [f32]) -> ArrayView2<'a, f32> {
+        let shape = match self.stored_layout() {
+            Layout::KN => (self.k, self.n),
+            Layout::NK => (self.n, self.k),
+        };
+        let view = ArrayView2::from_shape(shape, values).expect("K·N values");
+        match self.stored_layout() {
+            Layout::KN => view,
+            Layout::NK => view.reversed_axes(),
+        }
+    }
+
+    fn stored_layout(&self) -> Layout {
+        if matches!(self.data, Data::Q8_0(_)) { Layout::NK } else { self.layout }
+    }
+
+    /// The values widened to F32 in [`Matrix::stored_layout`] order, split over the pool.
+    fn widen_into(&self, out: &mut [f32]) {
+        const PER_TASK: usize = 1 << 16;
+        fn par<T: Sync>(
+            src: &[T],
+            out: &mut [f32],
+            per: usize,
+            f: impl Fn(&[T], &mut [f32]) + Sync,
+        ) {
+            crate::threads::pool().install(|| {
+                out.par_chunks_mut(per).zip(src.par_chunks(per)).for_each(|(o, s)| f(s, o));
+            });
+        }
+        match &self.data {
+            Data::F32(s) => out.copy_from_slice(s.as_slice()),
+            Data::F16(s) => par(s.as_slice(), out, PER_TASK, |s, o| {
+                half::slice::HalfFloatSliceExt::convert_to_f32_slice(s, o)
+            }),
+            Data::Bf16(s) => par(s.as_slice(), out, PER_TASK, |s, o| {
+                half::slice::HalfFloatSliceExt::convert_to_f32_slice(s, o)
+            }),
+            Data::Q8_0(blocks) => {
+                let per_blocks = PER_TASK / QK8_0;
+                crate::threads::pool().install(|| {
+                    out.par_chunks_mut(per_blocks * QK8_0)
+                        .zip(blocks.par_chunks(per_blocks))
+                        .for_each(|(o, b)| q8::dequantize(b, o));
+                });
+            }
+        }
+    }
+
+    /// The values as F32 in this matrix's logical layout (`layout`), row-major.
+    fn to_f32_layout(&self) -> Vec<f32> {
+        let mut wide = vec![0.0; self.k * self.n];
+        self.widen_into(&mut wide);
+        if self.stored_layout() == self.layout {
+            return wide;
+        }
+        // Q8_0 of a Conv1D weight: (N, K) back to (K, N).
+        let view = ArrayView2::from_shape((self.n, self.k), &wide[..]).expect("N·K values");
+        view.t().iter().copied().collect()
+    }
+
+    /// Row `i` of an `NK` matrix (an embedding lookup of `wte`), widened into `out: (K)`.
+    pub fn row_into(&self, i: usize, out: &mut [f32]) {
+        assert_eq!(self.stored_layout(), Layout::NK, "rows are looked up in [N, K] matrices");
+        let k = self.k;
+        match &self.data {
+            Data::F32(s) => out.copy_from_slice(&s.as_slice()[i * k..(i + 1) * k]),
+            Data::F16(s) => {
+                s.as_slice()[i * k..(i + 1) * k].iter().zip(out).for_each(|(v, o)| *o = v.to_f32())
+            }
+            Data::Bf16(s) => {
+                s.as_slice()[i * k..(i + 1) * k].iter().zip(out).for_each(|(v, o)| *o = v.to_f32())
+            }
+            Data::Q8_0(b) => q8::dequantize(&b[i * k / QK8_0..(i + 1) * k / QK8_0], out),
+        }
+    }
+}
+
+impl FileDtype {
+    fn size(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 | Self::Bf16 => 2,
+        }
+    }
+}
