@@ -122,23 +122,7 @@ impl Matrix {
         format: WeightFormat,
     ) -> Result<Self, String> {
         let len = k * n;
-        let bytes = &map[start..start + len * dtype.size()];
-        let widen = || -> Vec<f32> {
-            match dtype {
-                FileDtype::F32 => bytes
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect(),
-                FileDtype::F16 => bytes
-                    .chunks_exact(2)
-                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect(),
-                FileDtype::Bf16 => bytes
-                    .chunks_exact(2)
-                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect(),
-            }
-        };
+        let widen = || widen_bytes(&map[start..start + len * dtype.size()], dtype);
         let data = match (format, dtype) {
             (WeightFormat::Stored | WeightFormat::F32, FileDtype::F32) => {
                 Data::F32(Store::mapped(map, start, len).unwrap_or_else(|| Store::Owned(widen())))
@@ -173,8 +157,7 @@ impl Matrix {
                         "q8_0 needs the input width to be a multiple of {QK8_0}, and it is {k}"
                     ));
                 }
-                let values = widen();
-                Data::Q8_0(q8::quantize_matrix(&values, layout, k, n))
+                Data::Q8_0(quantize_from_file(map, start, dtype, layout, (k, n)))
             }
         };
         Ok(Self { data, layout, k, n })
@@ -357,6 +340,67 @@ impl Matrix {
             }
             Data::Q8_0(b) => q8::dequantize(&b[i * k / QK8_0..(i + 1) * k / QK8_0], out),
         }
+    }
+}
+
+/// Q8_0 blocks of a matrix in the map. An `NK` matrix (`wte`, 154 MB as F32 for gpt2-small)
+/// is quantized a few MB of columns at a time, each slice's pages released when done, so the
+/// load never holds the F32 matrix and its blocks at once; a `KN` one (at most 41 MB, for
+/// gpt2-xl's MLP) is widened whole, as its columns are strided.
+fn quantize_from_file(
+    map: &Arc<Mmap>,
+    start: usize,
+    dtype: FileDtype,
+    layout: Layout,
+    (k, n): (usize, usize),
+) -> Vec<BlockQ8_0> {
+    let size = dtype.size();
+    let widen = |bytes: &[u8]| widen_bytes(bytes, dtype);
+    if layout == Layout::KN {
+        let values = widen(&map[start..start + k * n * size]);
+        return q8::quantize_matrix(&values, layout, k, n);
+    }
+    const SLICE_BYTES: usize = 4 << 20;
+    let per = (SLICE_BYTES / (k * size)).max(1);
+    let mut blocks = Vec::with_capacity(n * k / QK8_0);
+    for c0 in (0..n).step_by(per) {
+        let cols = per.min(n - c0);
+        let (from, len) = (start + c0 * k * size, cols * k * size);
+        let values = widen(&map[from..from + len]);
+        blocks.extend(q8::quantize_matrix(&values, Layout::NK, k, cols));
+        release(map, from, len);
+    }
+    blocks
+}
+
+/// Little-endian values of `dtype` as F32 (exact).
+fn widen_bytes(bytes: &[u8], dtype: FileDtype) -> Vec<f32> {
+    match dtype {
+        FileDtype::F32 => {
+            bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+        }
+        FileDtype::F16 => {
+            bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
+        }
+        FileDtype::Bf16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+    }
+}
+
+/// Drops the map's pages of bytes that were converted (so a converted model does not also keep
+/// the file's copy resident); the map stays valid and reads them back from the file if touched.
+pub(crate) fn release(map: &Mmap, start: usize, len: usize) {
+    #[cfg(unix)]
+    // SAFETY: the map is a read-only shared mapping of a file, so dropping its pages loses
+    // nothing: a later read faults them back in from the file.
+    let result =
+        unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len) };
+    #[cfg(not(unix))]
+    let result: std::io::Result<()> = Ok(());
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "could not release the pages of a converted tensor");
     }
 }
 

@@ -219,6 +219,9 @@ impl Engine for EngineService {
             weight_bytes: engine.model.weight_bytes() as u64,
             openblas_core: blas.core.clone(),
             openblas_core_reason: blas.reason.clone(),
+            stored_dtype: engine.model.stored_dtype().to_owned(),
+            kernel: engine.model.kernel_set().to_owned(),
+            peak_rss_bytes: (crate::bench::peak_rss_mib() * f64::from(1 << 20)) as u64,
         }))
     }
 

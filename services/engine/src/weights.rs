@@ -27,7 +27,7 @@ use safetensors::{Dtype, SafeTensors};
 use crate::config::ModelConfig;
 use crate::error::EngineError;
 use crate::layers::gemm::Layout;
-use crate::matrix::{FileDtype, Matrix, WeightFormat};
+use crate::matrix::{FileDtype, Matrix, WeightFormat, release};
 
 /// One tensor as F32: borrowed from the memory map when the file stores F32 (and the data is
 /// aligned), otherwise an owned converted copy.
@@ -369,21 +369,6 @@ fn check_shape(file_name: &str, entry: &Entry, shape: &[usize]) -> Result<(), En
         expected: shape.to_vec(),
         got: entry.shape.clone(),
     })
-}
-
-/// Drops the map's pages of a tensor that was converted (so a converted model does not also
-/// keep the file's copy resident); the map stays valid and would read them back if touched.
-fn release(map: &Mmap, start: usize, len: usize) {
-    #[cfg(unix)]
-    // SAFETY: the map is a read-only shared mapping of a file, so dropping its pages loses
-    // nothing: a later read faults them back in from the file.
-    let result =
-        unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len) };
-    #[cfg(not(unix))]
-    let result: std::io::Result<()> = Ok(());
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "could not release the pages of a converted tensor");
-    }
 }
 
 fn to_param(

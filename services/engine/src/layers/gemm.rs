@@ -448,6 +448,11 @@ mod avx2 {
                 let mut acc = _mm256_loadu_ps(o);
                 for (r, &xv) in xb.iter().enumerate() {
                     acc = _mm256_fmadd_ps(xv, T::load8(w.add(r * g.n + c)), acc);
+                    // The same columns of the next group's rows, wanted one pass over the
+                    // columns from now (the hardware prefetchers lose these strided streams
+                    // at page boundaries). Never faults, even past the end.
+                    let next = w.wrapping_add((KG + r) * g.n + c);
+                    _mm_prefetch::<_MM_HINT_T1>(next.cast());
                 }
                 _mm256_storeu_ps(o, acc);
                 c += 8;
@@ -605,6 +610,8 @@ mod avx2 {
                 let mut wv = [_mm256_setzero_ps(); VV];
                 for (v, slot) in wv.iter_mut().enumerate() {
                     *slot = T::load8(w.add(v * g.k + c));
+                    // The next tile's rows at the same offset (never faults, even past the end).
+                    _mm_prefetch::<_MM_HINT_T1>(w.wrapping_add((VV + v) * g.k + c).cast());
                 }
                 for (b, acc_b) in acc.iter_mut().enumerate() {
                     let xb = _mm256_loadu_ps(x.add(b * g.k + c));

@@ -239,6 +239,8 @@ mod x86 {
 
     /// Columns per tile.
     const NC: usize = 4;
+    /// How many tiles ahead the weights are prefetched.
+    const PREFETCH_TILES: usize = 6;
 
     /// # Safety
     /// As `super::columns`, with AVX2, FMA and F16C.
@@ -275,11 +277,24 @@ mod x86 {
         // N·K/32 and every activation byte below B·K: the lengths `run_with` asserted.
         unsafe {
             while col + NC <= cols.end {
+                // The tile's blocks are NC·nb·34 contiguous bytes, read as NC interleaved
+                // streams, which the hardware prefetchers follow poorly: pull the tile
+                // `PREFETCH_TILES` ahead into L1 as this one computes (on the first row; later
+                // rows find this tile in cache).
+                let ahead =
+                    q.w.as_ptr().wrapping_add((col + PREFETCH_TILES * NC) * nb).cast::<u8>();
                 for row in 0..q.b {
                     let mut acc = [_mm256_setzero_ps(); NC];
                     let xq = q.x.qs.as_ptr().add(row * q.k);
                     let xd = q.x.d.as_ptr().add(row * nb);
                     for blk in 0..nb {
+                        if row == 0 {
+                            // NC·34 ≤ 192 bytes of the tile ahead per block: three lines.
+                            let p = ahead.wrapping_add(blk * NC * size_of::<super::BlockQ8_0>());
+                            _mm_prefetch::<_MM_HINT_T0>(p.cast());
+                            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64).cast());
+                            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(128).cast());
+                        }
                         let xv = _mm256_loadu_si256(xq.add(blk * QK8_0).cast());
                         let ax = _mm256_sign_epi8(xv, xv);
                         let dx = *xd.add(blk);
