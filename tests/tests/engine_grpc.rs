@@ -128,8 +128,31 @@ async fn greedy_generate_over_grpc_equals_the_library_and_the_hf_reference() {
         (i.model.as_str(), i.n_layer, i.n_head, i.n_embd, i.n_ctx, i.vocab_size, i.eos_token_id),
         ("tiny", 2, 4, 32, 1024, 50257, 50256)
     );
-    assert_eq!(i.dtype, "F32");
+    assert_eq!((i.dtype.as_str(), i.stored_dtype.as_str()), ("F32", "F32"));
+    assert!(["avx512", "avx2", "portable"].contains(&i.kernel.as_str()), "{}", i.kernel);
+    if cfg!(target_os = "linux") {
+        assert!(i.peak_rss_bytes > 1 << 20, "peak RSS {}", i.peak_rss_bytes);
+    }
     assert_eq!(i.finished.get("LENGTH"), Some(&2));
+    svc.stop().await.unwrap();
+}
+
+/// `--weights q8_0`: Info names the format, and a stream equals the library's run of the same
+/// request on the same Q8_0 model (the format is lossy, but deterministic).
+#[tokio::test]
+async fn a_q8_0_engine_streams_what_the_library_computes_with_q8_0() {
+    use llorch_engine::matrix::WeightFormat;
+    let (svc, mut client) = started(|c| c.weights = WeightFormat::Q8_0).await;
+    let i = info(&mut client).await;
+    assert_eq!((i.dtype.as_str(), i.stored_dtype.as_str()), ("Q8_0", "F32"));
+    assert!(["avx512-vnni", "avx2", "portable"].contains(&i.kernel.as_str()), "{}", i.kernel);
+    let req = request("q8", vec![15496, 13, 314, 716], 16, greedy());
+    let (tokens, fin) = collect(&mut client, req.clone()).await.unwrap();
+    let model = llorch_engine::Gpt2::load_as(&test_model(), WeightFormat::Q8_0).unwrap();
+    let valid = llorch_engine::validate(req, model.config(), 2048).unwrap();
+    let want = llorch_engine::generate(&model, valid, DEFAULT_PREFILL_CHUNK, |_| {}).unwrap();
+    assert_eq!(tokens.iter().map(|t| t.id).collect::<Vec<_>>(), want.ids());
+    assert_eq!(fin.generated_tokens, 16);
     svc.stop().await.unwrap();
 }
 

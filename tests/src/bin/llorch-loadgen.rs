@@ -37,6 +37,15 @@ struct Args {
     /// Tokenizer folder for building the prompt.
     #[arg(long, default_value = "models/default")]
     tokenizer: std::path::PathBuf,
+    /// The engine whose `Info` the report names (weight type, decode kernels, OpenBLAS kernel
+    /// set, peak RSS); default: `--url` for `--target engine`, else `http://127.0.0.1:50052`.
+    /// Unreachable: those fields are null.
+    #[arg(long)]
+    engine_url: Option<String>,
+    /// With `--target openai`: send `"ignore_eos": true` (llama-server's extension), so every
+    /// request generates `--new-tokens`.
+    #[arg(long)]
+    ignore_eos: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -45,6 +54,9 @@ enum Target {
     Engine,
     /// `POST /execute` over HTTP/SSE (greedy).
     Gateway,
+    /// `POST /v1/completions` with `stream: true` (greedy): the gateway's OpenAI API, or any
+    /// server that speaks it (llama.cpp's `llama-server`, for comparisons).
+    Openai,
 }
 
 /// Timings of one request.
@@ -68,15 +80,24 @@ async fn main() -> anyhow::Result<()> {
     let mut ids = tok.encode(&text, false)?;
     ids.truncate(args.prompt_tokens);
     let text = tok.decode(&ids, false)?;
+    let model = match args.target {
+        Target::Openai => openai_model(&args.url).await?,
+        _ => String::new(),
+    };
     for &c in &args.concurrency {
         let requests = args.requests.max(c);
         let started = Instant::now();
         let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut workers = Vec::new();
         for _ in 0..c {
-            let (args_url, ids, text, next) =
-                (args.url.clone(), ids.clone(), text.clone(), std::sync::Arc::clone(&next));
-            let (target, new_tokens) = (args.target, args.new_tokens);
+            let (args_url, ids, text, next, model) = (
+                args.url.clone(),
+                ids.clone(),
+                text.clone(),
+                std::sync::Arc::clone(&next),
+                model.clone(),
+            );
+            let (target, new_tokens, ignore_eos) = (args.target, args.new_tokens, args.ignore_eos);
             workers.push(tokio::spawn(async move {
                 let mut out = Vec::new();
                 while next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < requests {
@@ -84,6 +105,9 @@ async fn main() -> anyhow::Result<()> {
                     let s = match target {
                         Target::Engine => engine_once(&args_url, &ids, new_tokens).await,
                         Target::Gateway => gateway_once(&args_url, &text, new_tokens, n).await,
+                        Target::Openai => {
+                            openai_once(&args_url, &model, &text, new_tokens, ignore_eos).await
+                        }
                     };
                     out.push(s?);
                 }
@@ -95,7 +119,14 @@ async fn main() -> anyhow::Result<()> {
             samples.extend(w.await??);
         }
         let wall = started.elapsed();
-        println!("{}", report(args.target, c, &samples, wall, args.prompt_tokens));
+        let mut line = report(args.target, c, &samples, wall, args.prompt_tokens);
+        let engine_url = match (&args.engine_url, args.target) {
+            (Some(url), _) => url.clone(),
+            (None, Target::Engine) => args.url.clone(),
+            (None, Target::Gateway | Target::Openai) => "http://127.0.0.1:50052".into(),
+        };
+        line["engine"] = engine_info(&engine_url).await;
+        println!("{line}");
     }
     Ok(())
 }
@@ -140,6 +171,50 @@ async fn gateway_once(url: &str, text: &str, new_tokens: u32, n: usize) -> anyho
     Ok(sample(stamps, t0.elapsed()))
 }
 
+/// The first model `GET /v1/models` lists (the name completions must ask for).
+async fn openai_model(url: &str) -> anyhow::Result<String> {
+    let models: serde_json::Value =
+        reqwest::get(format!("{url}/v1/models")).await?.error_for_status()?.json().await?;
+    models["data"][0]["id"]
+        .as_str()
+        .map(str::to_owned)
+        .with_context(|| format!("no model in {url}/v1/models: {models}"))
+}
+
+async fn openai_once(
+    url: &str,
+    model: &str,
+    text: &str,
+    new_tokens: u32,
+    ignore_eos: bool,
+) -> anyhow::Result<Sample> {
+    let mut body = json!({"model": model, "prompt": text, "max_tokens": new_tokens, "temperature": 0, "stream": true});
+    if ignore_eos {
+        body["ignore_eos"] = json!(true);
+    }
+    let t0 = Instant::now();
+    let resp =
+        reqwest::Client::new().post(format!("{url}/v1/completions")).json(&body).send().await?;
+    anyhow::ensure!(resp.status().is_success(), "HTTP {}", resp.status());
+    let mut sse = SseReader::new(resp);
+    let mut stamps = Vec::new();
+    while let Some(e) = sse.next().await {
+        if e.data.as_str().is_some_and(|d| d.trim() == "[DONE]") {
+            break;
+        }
+        let chunk = e.data;
+        anyhow::ensure!(chunk.is_object(), "not a completion chunk: {chunk}");
+        anyhow::ensure!(chunk.get("error").is_none(), "stream error: {chunk}");
+        // One chunk per generated token; a last chunk may carry only the finish reason.
+        if chunk["choices"][0]["text"].as_str().is_some_and(|t| !t.is_empty())
+            || chunk["choices"][0]["finish_reason"].is_null()
+        {
+            stamps.push(t0.elapsed());
+        }
+    }
+    Ok(sample(stamps, t0.elapsed()))
+}
+
 fn sample(stamps: Vec<Duration>, total: Duration) -> Sample {
     let gaps = stamps.windows(2).map(|w| w[1] - w[0]).collect();
     Sample { ttft: stamps.first().copied().unwrap_or(total), tokens: stamps.len(), gaps, total }
@@ -152,6 +227,27 @@ fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     let i = ((v.len() - 1) as f64 * p).round() as usize;
     v[i]
+}
+
+/// What the engine says it runs, after the level: null fields when it cannot be asked.
+async fn engine_info(url: &str) -> serde_json::Value {
+    let info = async {
+        let mut client = pb::engine_client::EngineClient::connect(url.to_owned()).await?;
+        anyhow::Ok(client.info(pb::InfoRequest {}).await?.into_inner())
+    };
+    match tokio::time::timeout(Duration::from_secs(5), info).await {
+        Ok(Ok(i)) => json!({
+            "model": i.model,
+            "dtype": i.dtype,
+            "stored_dtype": i.stored_dtype,
+            "kernel": i.kernel,
+            "openblas_core": i.openblas_core,
+            "peak_rss_mib": i.peak_rss_bytes as f64 / f64::from(1 << 20),
+        }),
+        _ => {
+            json!({"model": null, "dtype": null, "stored_dtype": null, "kernel": null, "openblas_core": null, "peak_rss_mib": null})
+        }
+    }
 }
 
 fn report(
