@@ -374,7 +374,7 @@ fn quantize_from_file(
 }
 
 /// Little-endian values of `dtype` as F32 (exact).
-fn widen_bytes(bytes: &[u8], dtype: FileDtype) -> Vec<f32> {
+pub(crate) fn widen_bytes(bytes: &[u8], dtype: FileDtype) -> Vec<f32> {
     match dtype {
         FileDtype::F32 => {
             bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
@@ -405,6 +405,16 @@ pub(crate) fn release(map: &Mmap, start: usize, len: usize) {
 }
 
 impl FileDtype {
+    /// The safetensors type, if the engine reads it.
+    pub fn of(dtype: safetensors::Dtype) -> Option<Self> {
+        match dtype {
+            safetensors::Dtype::F32 => Some(Self::F32),
+            safetensors::Dtype::F16 => Some(Self::F16),
+            safetensors::Dtype::BF16 => Some(Self::Bf16),
+            _ => None,
+        }
+    }
+
     fn size(self) -> usize {
         match self {
             Self::F32 => 4,

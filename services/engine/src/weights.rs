@@ -27,7 +27,7 @@ use safetensors::{Dtype, SafeTensors};
 use crate::config::ModelConfig;
 use crate::error::EngineError;
 use crate::layers::gemm::Layout;
-use crate::matrix::{FileDtype, Matrix, WeightFormat, release};
+use crate::matrix::{FileDtype, Matrix, WeightFormat, release, widen_bytes};
 
 /// One tensor as F32: borrowed from the memory map when the file stores F32 (and the data is
 /// aligned), otherwise an owned converted copy.
@@ -207,17 +207,7 @@ impl Weights {
         let Source::File { map, index, .. } = &self.source else { return Ok(None) };
         let Some(entry) = index.get(&file_name) else { return Ok(None) };
         check_shape(&file_name, entry, &shape)?;
-        let dtype = match entry.dtype {
-            Dtype::F32 => FileDtype::F32,
-            Dtype::F16 => FileDtype::F16,
-            Dtype::BF16 => FileDtype::Bf16,
-            other => {
-                return Err(EngineError::TensorDtype {
-                    name: file_name,
-                    dtype: format!("{other:?}"),
-                });
-            }
-        };
+        let dtype = file_dtype(&file_name, entry)?;
         let matrix = Matrix::from_file(map, entry.start, dtype, layout, (k, n), self.format)
             .map_err(|reason| EngineError::WeightFormat { name: file_name.clone(), reason })?;
         if !matrix.is_mapped() {
@@ -371,6 +361,14 @@ fn check_shape(file_name: &str, entry: &Entry, shape: &[usize]) -> Result<(), En
     })
 }
 
+/// The tensor's storage type, if the engine reads it.
+fn file_dtype(name: &str, entry: &Entry) -> Result<FileDtype, EngineError> {
+    FileDtype::of(entry.dtype).ok_or_else(|| EngineError::TensorDtype {
+        name: name.to_owned(),
+        dtype: format!("{:?}", entry.dtype),
+    })
+}
+
 fn to_param(
     name: &str,
     entry: &Entry,
@@ -378,38 +376,12 @@ fn to_param(
     shape: Vec<usize>,
 ) -> Result<Param, EngineError> {
     let bytes = &map[entry.start..entry.start + entry.len];
-    let data = match entry.dtype {
-        Dtype::F32 => {
-            let aligned = bytemuck::try_cast_slice::<u8, f32>(bytes).is_ok();
-            if aligned && cfg!(target_endian = "little") {
-                ParamData::Mapped { map: Arc::clone(map), start: entry.start, len: entry.len / 4 }
-            } else {
-                ParamData::Owned(
-                    bytes
-                        .chunks_exact(4)
-                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                        .collect(),
-                )
-            }
-        }
-        Dtype::F16 => ParamData::Owned(
-            bytes
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-        ),
-        Dtype::BF16 => ParamData::Owned(
-            bytes
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-        ),
-        other => {
-            return Err(EngineError::TensorDtype {
-                name: name.to_owned(),
-                dtype: format!("{other:?}"),
-            });
-        }
+    let dtype = file_dtype(name, entry)?;
+    let aligned = bytemuck::try_cast_slice::<u8, f32>(bytes).is_ok();
+    let data = if dtype == FileDtype::F32 && aligned && cfg!(target_endian = "little") {
+        ParamData::Mapped { map: Arc::clone(map), start: entry.start, len: entry.len / 4 }
+    } else {
+        ParamData::Owned(widen_bytes(bytes, dtype))
     };
     Ok(Param { data, shape })
 }

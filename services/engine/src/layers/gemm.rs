@@ -143,24 +143,27 @@ impl Isa {
                 Ok("avx2") => Isa::Avx2,
                 _ => Isa::Avx512,
             };
-            Self::available().into_iter().filter(|&i| i <= cap).max().unwrap_or(Isa::Portable)
+            Self::available().iter().copied().filter(|&i| i <= cap).max().unwrap_or(Isa::Portable)
         })
     }
 
-    /// Every kernel set this CPU can run (tests run them all).
-    pub fn available() -> Vec<Self> {
-        let mut out = vec![Isa::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::is_x86_feature_detected as has;
-            if has!("avx2") && has!("fma") && has!("f16c") {
-                out.push(Isa::Avx2);
-                if has!("avx512f") {
-                    out.push(Isa::Avx512);
+    /// Every kernel set this CPU can run (tests run them all), found once.
+    pub fn available() -> &'static [Self] {
+        static AVAILABLE: std::sync::OnceLock<Vec<Isa>> = std::sync::OnceLock::new();
+        AVAILABLE.get_or_init(|| {
+            let mut out = vec![Isa::Portable];
+            #[cfg(target_arch = "x86_64")]
+            {
+                use std::arch::is_x86_feature_detected as has;
+                if has!("avx2") && has!("fma") && has!("f16c") {
+                    out.push(Isa::Avx2);
+                    if has!("avx512f") {
+                        out.push(Isa::Avx512);
+                    }
                 }
             }
-        }
-        out
+            out
+        })
     }
 
     /// The name in logs and reports.
@@ -724,10 +727,11 @@ mod avx512 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn filled(len: usize, seed: u64) -> Vec<f32> {
+    /// Deterministic values in [-0.5, 0.5) (xorshift), for the kernel tests here and in `q8`.
+    pub(crate) fn filled(len: usize, seed: u64) -> Vec<f32> {
         let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         (0..len)
             .map(|_| {

@@ -32,20 +32,21 @@ pub struct BlockQ8_0 {
 pub fn quantize_row(x: &[f32], out: &mut [BlockQ8_0]) {
     assert_eq!(x.len(), out.len() * QK8_0, "32 values per block");
     for (xs, block) in x.chunks_exact(QK8_0).zip(out) {
-        let (d, inv) = scale_of(xs);
-        block.d = half::f16::from_f32(d);
-        for (q, &v) in block.qs.iter_mut().zip(xs) {
-            *q = (v * inv).round() as i8;
-        }
+        block.d = half::f16::from_f32(quantize_block(xs, &mut block.qs));
     }
 }
 
-/// `d = max|x| / 127` and its inverse (0 for an all-zero block).
+/// One block: `d = max|x| / 127`, `q = round(x / d)` (all 0 for an all-zero block); returns
+/// `d`.
 #[inline]
-fn scale_of(xs: &[f32]) -> (f32, f32) {
+fn quantize_block(xs: &[f32], qs: &mut [i8]) -> f32 {
     let amax = xs.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     let d = amax / 127.0;
-    (d, if d != 0.0 { 1.0 / d } else { 0.0 })
+    let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
+    for (q, &v) in qs.iter_mut().zip(xs) {
+        *q = (v * inv).round() as i8;
+    }
+    d
 }
 
 /// Widens blocks back to F32 (`d·q`), in order.
@@ -97,11 +98,7 @@ impl QuantRows {
         for ((xs, qs), d) in
             x.chunks_exact(QK8_0).zip(rows.qs.chunks_exact_mut(QK8_0)).zip(&mut rows.d)
         {
-            let (scale, inv) = scale_of(xs);
-            *d = scale;
-            for (q, &v) in qs.iter_mut().zip(xs) {
-                *q = (v * inv).round() as i8;
-            }
+            *d = quantize_block(xs, qs);
         }
         rows
     }
@@ -333,18 +330,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn filled(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-            })
-            .collect()
-    }
+    use crate::layers::gemm::tests::filled;
 
     #[test]
     fn quantize_round_trips_within_half_a_step() {
@@ -377,7 +363,7 @@ mod tests {
             let q = Product { x: QuantRows::new(&x), w: &blocks, bias: Some(&bias), b, k, n };
             let mut wide = vec![0.0; k * n];
             dequantize(&blocks, &mut wide);
-            for isa in Isa::available() {
+            for &isa in Isa::available() {
                 let mut out = vec![0.0; b * n];
                 run_with(isa, &x, &blocks, Some(&bias), b, k, n, &mut out);
                 for row in 0..b {
@@ -402,7 +388,7 @@ mod tests {
         let (k, n) = (96, 1000);
         let blocks = quantize_matrix(&filled(k * n, 5), Layout::NK, k, n);
         let xs = filled(16 * k, 6);
-        for isa in Isa::available() {
+        for &isa in Isa::available() {
             let mut batch = vec![0.0; 16 * n];
             run_with(isa, &xs, &blocks, None, 16, k, n, &mut batch);
             for row in [0, 3, 15] {
