@@ -1,5 +1,6 @@
-//! Weight matrices in the type they are held in: F32, F16 or BF16 (in place in the memory map
-//! when the file stores that type, else one owned converted copy), or Q8_0 blocks.
+//! Weight matrices in the type they are held in: F32, F16 or BF16 (the tied head in place in
+//! the memory map when the file stores that type, else one owned converted copy), or Q8_0
+//! blocks.
 //!
 //! Every product computes in F32. Decode steps go through the small-batch kernels, which
 //! widen F16/BF16 weights to F32 in registers and accumulate exactly as for F32 weights, so an
@@ -10,8 +11,9 @@
 //! matrix at a time, before its product (see [`Matrix::with_f32`]).
 //!
 //! A product is `x: (B, K) · W → (B, N)`. Conv1D weights are stored `[K, N]`
-//! ([`Layout::KN`]); the tied head `wte` is `[N, K]` ([`Layout::NK`]). Q8_0 blocks always run
-//! along K, so Conv1D weights are transposed when they are quantized.
+//! ([`Layout::KN`]) in the file and held transposed, `[N, K]` ([`Matrix::transposed`]), like
+//! the tied head `wte` ([`Layout::NK`]): each output's weights are then one sequential run.
+//! Q8_0 blocks always run along K.
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -160,7 +162,27 @@ impl Matrix {
                 Data::Q8_0(quantize_from_file(map, start, dtype, layout, (k, n)))
             }
         };
-        Ok(Self { data, layout, k, n })
+        let matrix = Self { data, layout, k, n };
+        Ok(if layout == Layout::KN { matrix.transposed() } else { matrix })
+    }
+
+    /// This matrix held `[N, K]` ([`Layout::NK`]): F32/F16/BF16 values are copied transposed
+    /// (Q8_0 blocks already run along K). Conv1D weights are held so from the file, at the cost
+    /// of an owned copy instead of the map: then each output's weights are one sequential run,
+    /// which the decode kernels read at about twice the rate of the `[K, N]` columns
+    /// (docs/PERFORMANCE.md).
+    pub fn transposed(self) -> Self {
+        if self.layout == Layout::NK || matches!(self.data, Data::Q8_0(_)) {
+            return self;
+        }
+        let (k, n) = (self.k, self.n);
+        let data = match &self.data {
+            Data::F32(s) => Data::F32(Store::Owned(transpose(s.as_slice(), k, n))),
+            Data::F16(s) => Data::F16(Store::Owned(transpose(s.as_slice(), k, n))),
+            Data::Bf16(s) => Data::Bf16(Store::Owned(transpose(s.as_slice(), k, n))),
+            Data::Q8_0(_) => unreachable!("returned above"),
+        };
+        Self { data, layout: Layout::NK, k, n }
     }
 
     /// An owned F32 matrix (tests, and models built in memory).
@@ -341,6 +363,29 @@ impl Matrix {
             Data::Q8_0(b) => q8::dequantize(&b[i * k / QK8_0..(i + 1) * k / QK8_0], out),
         }
     }
+}
+
+/// `src: (K, N)` row-major as `(N, K)` row-major, in tiles (so both sides are read and written
+/// a cache line at a time), split over the compute pool by output rows.
+fn transpose<T: Copy + Default + Send + Sync>(src: &[T], k: usize, n: usize) -> Vec<T> {
+    const TILE: usize = 64;
+    assert_eq!(src.len(), k * n, "K·N values");
+    let mut out = vec![T::default(); k * n];
+    crate::threads::pool().install(|| {
+        out.par_chunks_mut(TILE * k).enumerate().for_each(|(tile, rows)| {
+            let n0 = tile * TILE;
+            let n_rows = rows.len() / k;
+            for k0 in (0..k).step_by(TILE) {
+                for kk in k0..(k0 + TILE).min(k) {
+                    let from = &src[kk * n + n0..kk * n + n0 + n_rows];
+                    for (r, &v) in from.iter().enumerate() {
+                        rows[r * k + kk] = v;
+                    }
+                }
+            }
+        });
+    });
+    out
 }
 
 /// Q8_0 blocks of a matrix in the map. An `NK` matrix (`wte`, 154 MB as F32 for gpt2-small)

@@ -608,13 +608,11 @@ mod avx2 {
             let mut acc = [[_mm256_setzero_ps(); VV]; BB];
             let x = g.x.as_ptr().add(row * g.k);
             let w = g.w.as_ptr().add(col * g.k);
-            let mut c = 0;
-            while c < main {
+            // Eight values of each row at `c` into the accumulators.
+            let step = |c: usize, acc: &mut [[__m256; VV]; BB]| {
                 let mut wv = [_mm256_setzero_ps(); VV];
                 for (v, slot) in wv.iter_mut().enumerate() {
                     *slot = T::load8(w.add(v * g.k + c));
-                    // The next tile's rows at the same offset (never faults, even past the end).
-                    _mm_prefetch::<_MM_HINT_T1>(w.wrapping_add((VV + v) * g.k + c).cast());
                 }
                 for (b, acc_b) in acc.iter_mut().enumerate() {
                     let xb = _mm256_loadu_ps(x.add(b * g.k + c));
@@ -622,6 +620,22 @@ mod avx2 {
                         acc_b[v] = _mm256_fmadd_ps(xb, wv[v], acc_b[v]);
                     }
                 }
+            };
+            // A cache line of each row per round, with one prefetch per row: the next tile's
+            // rows at the same offset (never faults, even past the end).
+            let line = 64 / size_of::<T>();
+            let mut c = 0;
+            while c + line <= main {
+                for v in 0..VV {
+                    _mm_prefetch::<_MM_HINT_T1>(w.wrapping_add((VV + v) * g.k + c).cast());
+                }
+                for cc in (c..c + line).step_by(8) {
+                    step(cc, &mut acc);
+                }
+                c += line;
+            }
+            while c < main {
+                step(c, &mut acc);
                 c += 8;
             }
             for (b, acc_b) in acc.iter().enumerate() {

@@ -101,7 +101,10 @@ pub fn matmul(
 /// rows share the call (for calls of two rows or more). Prefill chunks of several sequences may
 /// share one call only when this holds, so that batching never changes a stream's tokens.
 /// OpenBLAS does not promise it, so the engine checks it at load time on the model's own
-/// weight shapes: products of 2, 3 and 4 rows against the same rows inside one 9-row call.
+/// weight shapes: products of 2, 3 and 4 rows against the same rows inside calls of 9 and of
+/// 40 rows. Both sizes are needed: OpenBLAS has a separate kernel for small products, chosen by
+/// `M·N·K`, and with the weights held `[N, K]` a tiny model's 9-row call and 40-row call take
+/// different ones (seen with the `SkylakeX`/`Cooperlake` kernels).
 pub fn sgemm_rows_invariant(w: &Matrix) -> bool {
     w.with_f32(sgemm_rows_invariant_f32)
 }
@@ -109,7 +112,7 @@ pub fn sgemm_rows_invariant(w: &Matrix) -> bool {
 fn sgemm_rows_invariant_f32(w: ArrayView2<'_, f32>) -> bool {
     let k = w.nrows();
     let mut state = 0x2545_F491_4F6C_DD1Du64;
-    let x = ndarray::Array2::from_shape_fn((9, k), |_| {
+    let x = ndarray::Array2::from_shape_fn((40, k), |_| {
         state ^= state << 13;
         state ^= state >> 7;
         state ^= state << 17;
@@ -120,10 +123,13 @@ fn sgemm_rows_invariant_f32(w: ArrayView2<'_, f32>) -> bool {
         general_mat_mul(1.0, &x.slice(s![rows, ..]), &w, 0.0, &mut out);
         out
     };
-    let all = product(0..9);
+    let calls = [product(0..9), product(0..40)];
     [0..2, 2..5, 5..9, 3..5].into_iter().all(|rows| {
         let part = product(rows.clone());
-        part.iter().zip(all.slice(s![rows, ..]).iter()).all(|(a, b)| a.to_bits() == b.to_bits())
+        calls.iter().all(|all| {
+            let same = all.slice(s![rows.clone(), ..]);
+            part.iter().zip(same.iter()).all(|(a, b)| a.to_bits() == b.to_bits())
+        })
     })
 }
 
