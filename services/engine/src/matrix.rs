@@ -15,8 +15,7 @@
 //! the tied head `wte` ([`Layout::NK`]): each output's weights are then one sequential run.
 //! Q8_0 blocks always run along K.
 
-use std::cell::RefCell;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use memmap2::Mmap;
 use ndarray::{ArrayView2, ArrayViewMut2};
@@ -269,22 +268,27 @@ impl Matrix {
         self.with_f32(|w| ndarray::linalg::general_mat_mul(1.0, &x, &w, 1.0, &mut out));
     }
 
-    /// Calls `f` with the matrix as an F32 `(K, N)` view: in place for F32, else widened into
-    /// a buffer that each thread keeps and reuses (the largest matrix of the model, e.g. 9.4 MB
-    /// for gpt2-small), split over the compute pool.
+    /// Calls `f` with the matrix as an F32 `(K, N)` view: in place for F32, else widened (split
+    /// over the compute pool) into a buffer the process keeps and reuses, which grows to the
+    /// largest matrix of the model (e.g. 9.4 MB for gpt2-small). The buffer is taken out of
+    /// its slot for the call, not locked: a call that finds it taken (products on several
+    /// threads at once) widens into a buffer of its own, and no lock is held while the pool
+    /// works (a pool thread waiting for its share may run another forward pass meanwhile).
     pub fn with_f32<R>(&self, f: impl FnOnce(ArrayView2<'_, f32>) -> R) -> R {
         if let Data::F32(s) = &self.data {
             return f(self.view_of(s.as_slice()));
         }
-        thread_local! {
-            static WIDE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+        static WIDE: Mutex<Vec<f32>> = Mutex::new(Vec::new());
+        let take = || std::mem::take(&mut *WIDE.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut buf = take();
+        buf.resize(self.k * self.n, 0.0);
+        self.widen_into(&mut buf);
+        let result = f(self.view_of(&buf));
+        let mut slot = WIDE.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.capacity() < buf.capacity() {
+            *slot = buf;
         }
-        WIDE.with(|cell| {
-            let mut buf = cell.borrow_mut();
-            buf.resize(self.k * self.n, 0.0);
-            self.widen_into(&mut buf);
-            f(self.view_of(&buf))
-        })
+        result
     }
 
     /// A `(K, N)` view of values laid out as this matrix's F32 form (Q8_0 widens to `(N, K)`).
