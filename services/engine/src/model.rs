@@ -109,6 +109,8 @@ impl Attention {
             seq.cache.write(layer, qkv.slice(s![.., c..2 * c]), qkv.slice(s![.., 2 * c..]));
             row += seq.tokens.len();
         }
+        // A one-token sequence's attention is always the decode path's, whatever else is in
+        // the step, so that its bits never depend on the other sequences.
         if trace.is_none() && seqs.iter().all(|s| s.tokens.len() == 1) {
             self.attend_decode(layer, seqs, sc);
         } else {
@@ -133,6 +135,13 @@ impl Attention {
             let rows = s![row..row + s_len, ..];
             let p_len = seq.cache.len() + s_len;
             let (k, v) = seq.cache.view(layer, p_len);
+            if s_len == 1 && trace.is_none() {
+                let mut out = sc.atty.row_mut(row);
+                let input = (sc.qkv.slice(s![row, ..self.n_embd]), k, v);
+                decode_one(nh, &mut out, &input, &mut Vec::new());
+                row += 1;
+                continue;
+            }
             let mut scores = trace.as_ref().map(|_| Array2::<f32>::zeros((nh * s_len, p_len)));
             layers::attention(
                 sc.atty.slice_mut(rows),
@@ -451,27 +460,35 @@ impl Gpt2 {
         Ok(self.head(seqs, scratch, which))
     }
 
-    /// The kernel of a step's products, the one place it is chosen. A decode step (one new
-    /// token for each of up to [`SMALL_M`] sequences) takes the batch-invariant small-batch
-    /// kernel; a prefill chunk of one sequence (any length) takes `sgemm`, and so do prefill
-    /// chunks of two or more tokens each of several sequences when [`Gpt2::shared_prefill`]
-    /// holds. Other mixes are refused, as each row's kernel must not depend on the other rows
-    /// of the step.
+    /// The kernel of a step's products, the one place it is chosen, from each sequence's own
+    /// row count so that no row's kernel depends on the other rows of the step:
+    /// * a sequence bringing at most [`SMALL_M`] rows (a decode step's one token, or a short
+    ///   prefill chunk) takes the batch-invariant small-batch kernel, and so does a step of
+    ///   several such sequences, up to [`SMALL_M`] rows in all. For a short prompt this is also
+    ///   the faster kernel: `sgemm` packs every weight matrix for a few rows, and F16/Q8_0
+    ///   matrices would first be widened to F32 (a 30-token prefill of gpt2-small takes about
+    ///   half the time, docs/PERFORMANCE.md);
+    /// * a longer chunk takes `sgemm`: alone, or with other long chunks when
+    ///   [`Gpt2::shared_prefill`] holds.
+    ///
+    /// Other mixes are refused.
     fn kernel(&self, seqs: &[SeqStep<'_>]) -> Result<Kernel, EngineError> {
         let n: usize = seqs.iter().map(|s| s.tokens.len()).sum();
-        if seqs.iter().all(|s| s.tokens.len() == 1) {
+        let small = |s: &SeqStep<'_>| s.tokens.len() <= SMALL_M;
+        if seqs.iter().all(small) {
             if n > SMALL_M {
                 return Err(EngineError::Internal(format!(
-                    "a decode step has {n} rows, more than {SMALL_M}"
+                    "a small-batch step has {n} rows, more than {SMALL_M}"
                 )));
             }
             Ok(Kernel::SmallBatch)
         } else if seqs.len() == 1 {
             Ok(Kernel::Sgemm)
-        } else if seqs.iter().any(|s| s.tokens.len() == 1) {
-            Err(EngineError::Internal(
-                "a step mixes single-token rows with prefill chunks of other sequences".into(),
-            ))
+        } else if seqs.iter().any(small) {
+            Err(EngineError::Internal(format!(
+                "a step mixes sequences of at most {SMALL_M} rows (small-batch kernel) with \
+                 longer prefill chunks"
+            )))
         } else if !self.shared_prefill {
             Err(EngineError::Internal(
                 "prefill chunks of several sequences in one step, but sgemm rows are not \

@@ -113,14 +113,22 @@ fn shared_prefill_is_exact_where_allowed_and_refused_elsewhere() {
     }
 }
 
+/// Prompts longer than `SMALL_M` (32) tokens, whose chunks take `sgemm`.
+fn long_prompts() -> Vec<Vec<u32>> {
+    [33u32, 40, 35]
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| (0..len).map(|t| (t * 37 + 11 * i as u32 + 13) % 50000).collect())
+        .collect()
+}
+
 fn check_shared_prefill_promise(model: &Gpt2, dir: &std::path::Path) {
-    let prompts: Vec<Vec<u32>> =
-        vec![vec![15496, 13], vec![464, 2068, 7586, 21831, 18045], vec![50, 60, 70]];
+    let prompts = long_prompts();
     let mut scratch = Scratch::default();
     let mut alone: Vec<(KvCache, Vec<f32>)> = prompts
         .iter()
         .map(|p| {
-            let mut cache = model.new_cache(16);
+            let mut cache = model.new_cache(64);
             let logits = model
                 .forward(
                     &mut [SeqStep { tokens: p, cache: &mut cache }],
@@ -134,7 +142,7 @@ fn check_shared_prefill_promise(model: &Gpt2, dir: &std::path::Path) {
             (cache, logits)
         })
         .collect();
-    let mut caches: Vec<KvCache> = prompts.iter().map(|_| model.new_cache(16)).collect();
+    let mut caches: Vec<KvCache> = prompts.iter().map(|_| model.new_cache(64)).collect();
     let mut steps: Vec<SeqStep<'_>> = prompts
         .iter()
         .zip(caches.iter_mut())
@@ -164,12 +172,59 @@ fn check_shared_prefill_promise(model: &Gpt2, dir: &std::path::Path) {
         assert!(err.to_string().contains("not batch-invariant"), "{err}");
     }
 
-    // A single-token chunk (the small-batch kernel) cannot share a step with prefill rows.
-    let (mut c1, mut c2) = (model.new_cache(8), model.new_cache(8));
-    let mut mixed =
-        [SeqStep { tokens: &[1], cache: &mut c1 }, SeqStep { tokens: &[2, 3], cache: &mut c2 }];
+    // A short chunk (the small-batch kernel) cannot share a step with a long one (sgemm).
+    let (mut c1, mut c2) = (model.new_cache(64), model.new_cache(64));
+    let mut mixed = [
+        SeqStep { tokens: &[1, 2], cache: &mut c1 },
+        SeqStep { tokens: &prompts[0], cache: &mut c2 },
+    ];
     let err = model.forward(&mut mixed, &mut scratch, LogitsFor::LastOfEach, None).unwrap_err();
-    assert!(err.to_string().contains("single-token"), "{err}");
+    assert!(err.to_string().contains("small-batch kernel"), "{err}");
+}
+
+/// Short prompts (at most `SMALL_M` tokens each, and in all) take the small-batch kernel, so
+/// they give the same bits alone or prefilled together, with one-token prompts among them,
+/// whether or not `sgemm` rows are batch-invariant on this machine; and a step of more rows
+/// than that kernel takes is refused.
+#[test]
+fn short_prompts_prefill_together_exactly_on_every_machine() {
+    for (_, dir) in models() {
+        let model = Gpt2::load(&dir).unwrap().without_shared_prefill();
+        let prompts: Vec<Vec<u32>> =
+            vec![vec![15496, 13], vec![464, 2068, 7586, 21831, 18045], vec![50], vec![50, 60, 70]];
+        let mut scratch = Scratch::default();
+        let alone: Vec<Vec<f32>> = prompts
+            .iter()
+            .map(|p| {
+                let mut cache = model.new_cache(16);
+                let mut step = [SeqStep { tokens: p, cache: &mut cache }];
+                let logits = model.forward(&mut step, &mut scratch, LogitsFor::LastOfEach, None);
+                logits.unwrap().row(0).to_vec()
+            })
+            .collect();
+        let mut caches: Vec<KvCache> = prompts.iter().map(|_| model.new_cache(16)).collect();
+        let mut steps: Vec<SeqStep<'_>> = prompts
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(p, cache)| SeqStep { tokens: p, cache })
+            .collect();
+        let together = model
+            .forward(&mut steps, &mut scratch, LogitsFor::LastOfEach, None)
+            .unwrap()
+            .to_owned();
+        for (i, logits) in alone.iter().enumerate() {
+            assert_eq!(together.row(i).to_vec(), *logits, "{} prompt {i}", dir.display());
+        }
+
+        let twenty: Vec<u32> = (0..20).collect();
+        let (mut c1, mut c2) = (model.new_cache(32), model.new_cache(32));
+        let mut over = [
+            SeqStep { tokens: &twenty, cache: &mut c1 },
+            SeqStep { tokens: &twenty, cache: &mut c2 },
+        ];
+        let err = model.forward(&mut over, &mut scratch, LogitsFor::LastOfEach, None).unwrap_err();
+        assert!(err.to_string().contains("more than 32"), "{err}");
+    }
 }
 
 #[test]

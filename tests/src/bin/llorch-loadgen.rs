@@ -46,6 +46,12 @@ struct Args {
     /// request generates `--new-tokens`.
     #[arg(long)]
     ignore_eos: bool,
+    /// With `--target openai`: send `"cache_prompt": false` (llama-server's extension), so a
+    /// server that keeps the KV cache of a previous identical prompt does not skip the
+    /// prefill. Every request here sends the same prompt, so without it llama-server's time to
+    /// first token after the first request is not a prefill.
+    #[arg(long)]
+    no_prompt_cache: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -97,7 +103,11 @@ async fn main() -> anyhow::Result<()> {
                 std::sync::Arc::clone(&next),
                 model.clone(),
             );
-            let (target, new_tokens, ignore_eos) = (args.target, args.new_tokens, args.ignore_eos);
+            let (target, new_tokens) = (args.target, args.new_tokens);
+            let llama = LlamaExtensions {
+                ignore_eos: args.ignore_eos,
+                no_prompt_cache: args.no_prompt_cache,
+            };
             workers.push(tokio::spawn(async move {
                 let mut out = Vec::new();
                 while next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < requests {
@@ -106,7 +116,7 @@ async fn main() -> anyhow::Result<()> {
                         Target::Engine => engine_once(&args_url, &ids, new_tokens).await,
                         Target::Gateway => gateway_once(&args_url, &text, new_tokens, n).await,
                         Target::Openai => {
-                            openai_once(&args_url, &model, &text, new_tokens, ignore_eos).await
+                            openai_once(&args_url, &model, &text, new_tokens, llama).await
                         }
                     };
                     out.push(s?);
@@ -181,16 +191,26 @@ async fn openai_model(url: &str) -> anyhow::Result<String> {
         .with_context(|| format!("no model in {url}/v1/models: {models}"))
 }
 
+/// Fields of llama-server's own that `--target openai` may send (for comparisons).
+#[derive(Debug, Clone, Copy)]
+struct LlamaExtensions {
+    ignore_eos: bool,
+    no_prompt_cache: bool,
+}
+
 async fn openai_once(
     url: &str,
     model: &str,
     text: &str,
     new_tokens: u32,
-    ignore_eos: bool,
+    llama: LlamaExtensions,
 ) -> anyhow::Result<Sample> {
     let mut body = json!({"model": model, "prompt": text, "max_tokens": new_tokens, "temperature": 0, "stream": true});
-    if ignore_eos {
+    if llama.ignore_eos {
         body["ignore_eos"] = json!(true);
+    }
+    if llama.no_prompt_cache {
+        body["cache_prompt"] = json!(false);
     }
     let t0 = Instant::now();
     let resp =

@@ -101,10 +101,11 @@ pub fn matmul(
 /// rows share the call (for calls of two rows or more). Prefill chunks of several sequences may
 /// share one call only when this holds, so that batching never changes a stream's tokens.
 /// OpenBLAS does not promise it, so the engine checks it at load time on the model's own
-/// weight shapes: products of 2, 3 and 4 rows against the same rows inside calls of 9 and of
-/// 40 rows. Both sizes are needed: OpenBLAS has a separate kernel for small products, chosen by
-/// `M·N·K`, and with the weights held `[N, K]` a tiny model's 9-row call and 40-row call take
-/// different ones (seen with the `SkylakeX`/`Cooperlake` kernels).
+/// weight shapes: products of 33 and 40 rows (prefill chunks of at most 32 rows take the
+/// small-batch kernel instead) against the same rows inside calls of 80 and of 256 rows (the
+/// default prefill budget). Several sizes are needed: OpenBLAS has a separate kernel for small
+/// products, chosen by `M·N·K`, and with the weights held `[N, K]` the tiny fixtures' calls of
+/// different sizes take different ones (seen with the `SkylakeX`/`Cooperlake` kernels).
 pub fn sgemm_rows_invariant(w: &Matrix) -> bool {
     w.with_f32(sgemm_rows_invariant_f32)
 }
@@ -112,7 +113,7 @@ pub fn sgemm_rows_invariant(w: &Matrix) -> bool {
 fn sgemm_rows_invariant_f32(w: ArrayView2<'_, f32>) -> bool {
     let k = w.nrows();
     let mut state = 0x2545_F491_4F6C_DD1Du64;
-    let x = ndarray::Array2::from_shape_fn((40, k), |_| {
+    let x = ndarray::Array2::from_shape_fn((256, k), |_| {
         state ^= state << 13;
         state ^= state >> 7;
         state ^= state << 17;
@@ -123,8 +124,8 @@ fn sgemm_rows_invariant_f32(w: ArrayView2<'_, f32>) -> bool {
         general_mat_mul(1.0, &x.slice(s![rows, ..]), &w, 0.0, &mut out);
         out
     };
-    let calls = [product(0..9), product(0..40)];
-    [0..2, 2..5, 5..9, 3..5].into_iter().all(|rows| {
+    let calls = [product(0..80), product(0..256)];
+    [0..33, 33..73, 40..80].into_iter().all(|rows| {
         let part = product(rows.clone());
         calls.iter().all(|all| {
             let same = all.slice(s![rows.clone(), ..]);

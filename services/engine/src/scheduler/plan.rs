@@ -1,16 +1,21 @@
 //! The prefill plan: which prefill chunks run in an iteration, and in which forward calls.
 
+use crate::layers::gemm::SMALL_M;
+
 /// Which prefill chunks run this iteration, and how they are grouped into forward calls.
 /// `prefilling` gives, oldest first, each prefilling entry's key and prompt tokens left.
 ///
 /// Each prompt is cut into chunks of `chunk` tokens whatever else runs. The oldest chunk always
 /// runs; younger ones join while their tokens fit in a budget of `chunk` tokens, so several
 /// short prompts arriving together all get their first token before the next decode step,
-/// while running streams never wait for more than one chunk's worth of prompt. With `shared`
-/// ([`Gpt2::shared_prefill`]) the chunks of two or more tokens form one group (one `sgemm` per
-/// weight matrix); single-token chunks, whose rows take the small-batch kernel, and every
-/// chunk without `shared`, are groups of their own. Groups come in order of their oldest
-/// entry; each lists its keys in the order given.
+/// while running streams never wait for more than one chunk's worth of prompt. The groups
+/// follow `Gpt2::kernel`, which picks each chunk's kernel from its own length: chunks of at
+/// most [`SMALL_M`] tokens (small-batch kernel) share one call while their rows fit in
+/// [`SMALL_M`], then start another; longer chunks (`sgemm`) share one call with `shared`
+/// ([`Gpt2::shared_prefill`]) and are each their own call without. Groups come in order of
+/// their oldest entry; each lists its keys in the order given.
+///
+/// [`Gpt2::shared_prefill`]: crate::model::Gpt2::shared_prefill
 pub(super) fn prefill_plan<K>(
     prefilling: impl Iterator<Item = (K, usize)>,
     chunk: usize,
@@ -18,21 +23,33 @@ pub(super) fn prefill_plan<K>(
 ) -> Vec<Vec<K>> {
     let mut budget = chunk;
     let mut groups: Vec<Vec<K>> = Vec::new();
-    let mut together: Option<usize> = None;
+    // The open group of short chunks (its index and rows), and the shared `sgemm` group.
+    let mut small: Option<(usize, usize)> = None;
+    let mut long: Option<usize> = None;
     for (i, remaining) in prefilling {
         let tokens = remaining.min(chunk);
         if !groups.is_empty() && tokens > budget {
             break;
         }
         budget = budget.saturating_sub(tokens);
-        let shareable = shared && tokens >= 2;
-        match together {
-            Some(g) if shareable => groups[g].push(i),
-            _ => {
-                if shareable {
-                    together = Some(groups.len());
+        if tokens <= SMALL_M {
+            match &mut small {
+                Some((g, rows)) if *rows + tokens <= SMALL_M => {
+                    groups[*g].push(i);
+                    *rows += tokens;
                 }
-                groups.push(vec![i]);
+                _ => {
+                    small = Some((groups.len(), tokens));
+                    groups.push(vec![i]);
+                }
+            }
+        } else {
+            match long {
+                Some(g) if shared => groups[g].push(i),
+                _ => {
+                    long = shared.then_some(groups.len());
+                    groups.push(vec![i]);
+                }
             }
         }
         if budget == 0 {
@@ -51,23 +68,25 @@ mod tests {
     }
 
     #[test]
-    fn short_prompts_share_one_call_within_the_budget() {
-        let eight: Vec<(usize, usize)> = (0..8).map(|i| (i, 32)).collect();
-        assert_eq!(plan(&eight, true), vec![(0..8).collect::<Vec<_>>()]);
-        let nine: Vec<(usize, usize)> = (0..9).map(|i| (i, 32)).collect();
-        assert_eq!(plan(&nine, true), vec![(0..8).collect::<Vec<_>>()], "the ninth waits");
+    fn short_prompts_share_one_call_while_their_rows_fit() {
+        let eight: Vec<(usize, usize)> = (0..8).map(|i| (i, 4)).collect();
+        assert_eq!(plan(&eight, false), vec![(0..8).collect::<Vec<_>>()]);
+        // 30 + 2 rows fit in one small-batch call; the next 30 start another.
+        assert_eq!(plan(&[(0, 30), (1, 2), (2, 30), (3, 1)], false), vec![vec![0, 1], vec![2, 3]]);
     }
 
     #[test]
-    fn without_sharing_each_chunk_is_its_own_call() {
-        assert_eq!(plan(&[(0, 32), (2, 32), (5, 10)], false), vec![vec![0], vec![2], vec![5]]);
+    fn long_prompts_share_one_call_within_the_budget_when_allowed() {
+        let eight: Vec<(usize, usize)> = (0..8).map(|i| (i, 33)).collect();
+        assert_eq!(plan(&eight, true), vec![(0..7).collect::<Vec<_>>()], "7 · 33 ≤ 256 < 8 · 33");
+        assert_eq!(plan(&[(0, 40), (2, 40), (5, 40)], false), vec![vec![0], vec![2], vec![5]]);
     }
 
     #[test]
-    fn single_token_chunks_run_alone() {
+    fn short_and_long_chunks_never_share_a_call() {
         assert_eq!(
-            plan(&[(0, 1), (1, 40), (3, 1), (4, 5)], true),
-            vec![vec![0], vec![1, 4], vec![3]]
+            plan(&[(0, 1), (1, 40), (3, 1), (4, 50), (5, 5)], true),
+            vec![vec![0, 3, 5], vec![1, 4]]
         );
     }
 
