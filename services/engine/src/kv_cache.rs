@@ -6,7 +6,7 @@ use ndarray::{Array2, ArrayView2, s};
 use crate::config::ModelConfig;
 
 /// Keys and values of one sequence. Rows `[0, len)` hold the positions seen so far; the forward
-/// pass writes a step's rows at `[len, len + S)` and [`KvCache::advance`]s once every layer is
+/// pass writes a step's rows at `[len, len + S)` and `advance`s once every layer is
 /// done.
 #[derive(Debug, Clone)]
 pub struct KvCache {

@@ -120,7 +120,8 @@ impl Attention {
         Ok(())
     }
 
-    /// `qkv: (N, 3C)` → `atty: (N, C)`, one sequence after the other.
+    /// `qkv: (N, 3C)` → `atty: (N, C)`, one sequence after the other (a one-token sequence by
+    /// the decode path, as in [`Attention::attend_decode`]).
     fn attend(
         &self,
         layer: usize,

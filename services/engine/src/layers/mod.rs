@@ -7,9 +7,10 @@
 //! * `V`  vocabulary
 //! * `S`  new tokens of one sequence in this step; `P` its positions so far, new ones included
 //!
-//! Matrix products take one of two [`Kernel`]s: prefill chunks go through OpenBLAS `sgemm`
-//! (ndarray's `blas` feature), decode steps and the LM head through the batch-invariant
-//! small-batch kernels of [`gemm`]; prefill attention's products are `sgemm` too. Every
+//! Matrix products take one of two [`Kernel`]s: prefill chunks of more than
+//! [`gemm::SMALL_M`] tokens go through OpenBLAS `sgemm` (ndarray's `blas` feature); decode
+//! steps, shorter prefill chunks and the LM head through the batch-invariant small-batch
+//! kernels of [`gemm`]; prefill attention's products are `sgemm` too. Every
 //! optimised op has a plain-loop twin in [`naive`] and a test comparing the two.
 
 pub mod gemm;
@@ -70,9 +71,10 @@ pub fn layernorm(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
     /// The batch-invariant small-batch kernel ([`gemm`]): decode steps, whose rows belong to
-    /// different sequences. At most [`gemm::SMALL_M`] rows.
+    /// different sequences, and prefill chunks of at most [`gemm::SMALL_M`] tokens. At most
+    /// [`gemm::SMALL_M`] rows.
     SmallBatch,
-    /// OpenBLAS `sgemm`: prefill chunks, of one sequence, or of several where
+    /// OpenBLAS `sgemm`: longer prefill chunks, of one sequence, or of several where
     /// [`sgemm_rows_invariant`] was found to hold (`Gpt2::shared_prefill`).
     Sgemm,
 }

@@ -8,7 +8,7 @@
 //! The canonical order, which every kernel gives bit for bit: for output `(row, col)`, eight
 //! F32 lanes; for each block in order, lane `l` gets `fma(s_l, dw·dx, lane_l)`, where `s_l` is
 //! the integer sum of the four products `4l..4l+4` of the block and `dw·dx` the F32 product of
-//! the two scales; then the lanes are reduced by [`hsum8`] and the bias added. A row therefore
+//! the two scales; then the lanes are reduced by `hsum8` and the bias added. A row therefore
 //! gets the same bits alone or in any batch, on any thread count and with any kernel set.
 
 use std::ops::Range;
