@@ -170,7 +170,7 @@ impl Matrix {
     /// of an owned copy instead of the map: then each output's weights are one sequential run,
     /// which the decode kernels read at about twice the rate of the `[K, N]` columns
     /// (docs/PERFORMANCE.md).
-    pub fn transposed(self) -> Self {
+    fn transposed(self) -> Self {
         if self.layout == Layout::NK || matches!(self.data, Data::Q8_0(_)) {
             return self;
         }

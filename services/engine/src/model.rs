@@ -390,10 +390,14 @@ impl Gpt2 {
     }
 
     /// The decode kernels this model runs on this CPU: the kernel set of its weight type
-    /// (`avx512`, `avx2`, `portable`; for Q8_0 `avx512-vnni`, `avx2`, `portable`).
+    /// (`avx2` or `portable`; for Q8_0 `avx512-vnni`, `avx2` or `portable`).
     pub fn kernel_set(&self) -> &'static str {
         let isa = layers::gemm::Isa::detect();
-        if self.dtype() == "Q8_0" { layers::q8::kernel_name(isa) } else { isa.as_str() }
+        if self.dtype() == "Q8_0" {
+            layers::q8::kernel_name(isa)
+        } else {
+            layers::gemm::kernel_name(isa)
+        }
     }
 
     /// Bytes of weights the model holds (mapped or owned).

@@ -7,7 +7,7 @@ use common::{PROMPTS, Reference, models, root};
 use llorch_engine::request::{Stopping, ValidRequest};
 use llorch_engine::sampling::SamplingParams;
 use llorch_engine::sequence::DEFAULT_PREFILL_CHUNK;
-use llorch_engine::{Gpt2, KvCache, LogitsFor, Scratch, SeqStep, generate};
+use llorch_engine::{EngineError, Gpt2, KvCache, LogitsFor, Scratch, SeqStep, generate};
 use ndarray::Array2;
 
 fn request(prompt: Vec<u32>, max_new: usize, sampling: SamplingParams, eos: u32) -> ValidRequest {
@@ -122,36 +122,48 @@ fn long_prompts() -> Vec<Vec<u32>> {
         .collect()
 }
 
-fn check_shared_prefill_promise(model: &Gpt2, dir: &std::path::Path) {
-    let prompts = long_prompts();
-    let mut scratch = Scratch::default();
-    let mut alone: Vec<(KvCache, Vec<f32>)> = prompts
+/// Each prompt prefilled alone in a cache of `capacity`: the cache and the last row's logits.
+fn prefill_alone(
+    model: &Gpt2,
+    prompts: &[Vec<u32>],
+    capacity: usize,
+    scratch: &mut Scratch,
+) -> Vec<(KvCache, Vec<f32>)> {
+    prompts
         .iter()
         .map(|p| {
-            let mut cache = model.new_cache(64);
-            let logits = model
-                .forward(
-                    &mut [SeqStep { tokens: p, cache: &mut cache }],
-                    &mut scratch,
-                    LogitsFor::LastOfEach,
-                    None,
-                )
-                .unwrap()
-                .row(0)
-                .to_vec();
+            let mut cache = model.new_cache(capacity);
+            let mut step = [SeqStep { tokens: p, cache: &mut cache }];
+            let logits = model.forward(&mut step, scratch, LogitsFor::LastOfEach, None);
+            let logits = logits.unwrap().row(0).to_vec();
             (cache, logits)
         })
-        .collect();
-    let mut caches: Vec<KvCache> = prompts.iter().map(|_| model.new_cache(64)).collect();
+        .collect()
+}
+
+/// The prompts prefilled in one step, each into its cache: each prompt's last-row logits.
+fn prefill_together(
+    model: &Gpt2,
+    prompts: &[Vec<u32>],
+    caches: &mut [KvCache],
+    scratch: &mut Scratch,
+) -> Result<Array2<f32>, EngineError> {
     let mut steps: Vec<SeqStep<'_>> = prompts
         .iter()
         .zip(caches.iter_mut())
         .map(|(p, cache)| SeqStep { tokens: p, cache })
         .collect();
-    let shared = model.forward(&mut steps, &mut scratch, LogitsFor::LastOfEach, None);
+    model.forward(&mut steps, scratch, LogitsFor::LastOfEach, None).map(|l| l.to_owned())
+}
+
+fn check_shared_prefill_promise(model: &Gpt2, dir: &std::path::Path) {
+    let prompts = long_prompts();
+    let mut scratch = Scratch::default();
+    let mut alone = prefill_alone(model, &prompts, 64, &mut scratch);
+    let mut caches: Vec<KvCache> = prompts.iter().map(|_| model.new_cache(64)).collect();
+    let shared = prefill_together(model, &prompts, &mut caches, &mut scratch);
     if model.shared_prefill() {
-        let shared = shared.unwrap().to_owned();
-        drop(steps);
+        let shared = shared.unwrap();
         for (i, (cache, logits)) in alone.iter_mut().enumerate() {
             assert_eq!(shared.row(i).to_vec(), *logits, "{} prompt {i}", dir.display());
             // Both caches continue identically.
@@ -193,26 +205,10 @@ fn short_prompts_prefill_together_exactly_on_every_machine() {
         let prompts: Vec<Vec<u32>> =
             vec![vec![15496, 13], vec![464, 2068, 7586, 21831, 18045], vec![50], vec![50, 60, 70]];
         let mut scratch = Scratch::default();
-        let alone: Vec<Vec<f32>> = prompts
-            .iter()
-            .map(|p| {
-                let mut cache = model.new_cache(16);
-                let mut step = [SeqStep { tokens: p, cache: &mut cache }];
-                let logits = model.forward(&mut step, &mut scratch, LogitsFor::LastOfEach, None);
-                logits.unwrap().row(0).to_vec()
-            })
-            .collect();
+        let alone = prefill_alone(&model, &prompts, 16, &mut scratch);
         let mut caches: Vec<KvCache> = prompts.iter().map(|_| model.new_cache(16)).collect();
-        let mut steps: Vec<SeqStep<'_>> = prompts
-            .iter()
-            .zip(caches.iter_mut())
-            .map(|(p, cache)| SeqStep { tokens: p, cache })
-            .collect();
-        let together = model
-            .forward(&mut steps, &mut scratch, LogitsFor::LastOfEach, None)
-            .unwrap()
-            .to_owned();
-        for (i, logits) in alone.iter().enumerate() {
+        let together = prefill_together(&model, &prompts, &mut caches, &mut scratch).unwrap();
+        for (i, (_, logits)) in alone.iter().enumerate() {
             assert_eq!(together.row(i).to_vec(), *logits, "{} prompt {i}", dir.display());
         }
 

@@ -5,21 +5,31 @@
 //! 48 block matrices: 4 rows by `sgemm` 59 ms per step against 16 ms for one row by `sgemv`
 //! (docs/PERFORMANCE.md). These kernels stream each weight once for all rows.
 //!
-//! Why a fixed accumulation order: each output element is `acc = fma(x[k], w[k], acc)` over
-//! `k` in order (then the bias), whatever the number of rows, the tile that computes it or the
-//! thread that runs it. So a sequence decoded in a batch gets bitwise the logits it gets alone,
-//! and batching never changes a client's tokens.
+//! Why a fixed accumulation order: each output element is computed in one order (`dot_nk`:
+//! eight lane sums of `fma`s over `k` in order, a fixed reduction, then the bias), whatever the
+//! number of rows, the tile that computes it or the thread that runs it. So a sequence decoded
+//! in a batch gets bitwise the logits it gets alone, and batching never changes a client's
+//! tokens.
 //!
-//! Shapes: `x: (B, K)`, row-major; `kn` takes Conv1D weights `w: (K, N)` (`[in, out]`), `nk`
-//! takes the tied head `w: (N, K)` (`wte`, `[vocab, C]`). Outputs are `(B, N)` row-major.
+//! Shapes: `x: (B, K)`, row-major; the model holds every weight matrix `w: (N, K)`
+//! ([`Layout::NK`]: the tied head `wte` as stored, Conv1D weights transposed at load), which the
+//! vector kernels take. `w: (K, N)` ([`Layout::KN`], as Conv1D weights are stored in the file)
+//! is still accepted, by the plain loops, for matrices built in tests. Outputs are `(B, N)`
+//! row-major.
 //!
 //! Weights are F32, F16 or BF16 ([`Elem`]): half-precision weights are widened to F32 as they
 //! are loaded into registers (exactly: every F16 and BF16 value is an F32 value), so a model
 //! held in F16 gives bitwise the results of the same values held in F32, reading half the
-//! bytes. On CPUs with AVX-512 the F32-family kernels run 16 lanes wide ([`Isa::Avx512`]);
-//! each element still gets the same chain of `fma`s, so every kernel gives the same bits.
+//! bytes. The vector kernels are AVX2 (also on CPUs with AVX-512, where only the Q8_0 kernel
+//! of [`super::q8`] uses AVX-512 VNNI).
 
 use std::ops::Range;
+
+/// Which F32/F16/BF16 kernels a kernel set runs: `"avx2"` (also for [`Isa::Avx512`]) or
+/// `"portable"`.
+pub fn kernel_name(isa: Isa) -> &'static str {
+    if isa >= Isa::Avx2 { Isa::Avx2.as_str() } else { Isa::Portable.as_str() }
+}
 
 /// Rows up to which the engine uses these kernels instead of `sgemm`.
 pub const SMALL_M: usize = 32;
@@ -38,13 +48,6 @@ pub trait Elem: Copy + Send + Sync + 'static {
     /// The CPU has AVX2 and F16C, and `p..p+8` is readable.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
-
-    /// Sixteen consecutive values widened to F32.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512F, and `p..p+16` is readable.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
 }
 
 impl Elem for f32 {
@@ -58,13 +61,6 @@ impl Elem for f32 {
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
         // SAFETY: the caller's contract.
         unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
-        // SAFETY: the caller's contract.
-        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
     }
 }
 
@@ -80,14 +76,6 @@ impl Elem for half::f16 {
         use std::arch::x86_64::*;
         // SAFETY: the caller's contract (F16C converts 8 halves, exactly).
         unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
-        use std::arch::x86_64::*;
-        // SAFETY: the caller's contract.
-        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
     }
 }
 
@@ -108,18 +96,6 @@ impl Elem for half::bf16 {
             ))))
         }
     }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
-        use std::arch::x86_64::*;
-        // SAFETY: the caller's contract.
-        unsafe {
-            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
-                p.cast(),
-            ))))
-        }
-    }
 }
 
 /// The instruction sets a kernel can use, best last.
@@ -129,7 +105,7 @@ pub enum Isa {
     Portable,
     /// AVX2 + FMA + F16C, 8 lanes.
     Avx2,
-    /// AVX-512F (+ VNNI for Q8_0, where the CPU has it), 16 lanes.
+    /// AVX-512F: VNNI for Q8_0 where the CPU has it; the F32/F16/BF16 kernels are AVX2's.
     Avx512,
 }
 
@@ -271,11 +247,8 @@ unsafe fn columns<T: Elem>(
     // SAFETY: the CPU supports `isa` (this function's contract); the lengths, `cols` and the
     // output are this function's own contract, which is the kernels' contract too.
     unsafe {
-        match (isa, layout) {
-            (Isa::Avx512, Layout::KN) if g.b == 1 => return avx512::kn_one_row(g, cols, out.0),
-            (Isa::Avx2 | Isa::Avx512, Layout::KN) => return avx2::kn(g, cols, out.0),
-            (Isa::Avx2 | Isa::Avx512, Layout::NK) => return avx2::nk(g, cols, out.0),
-            _ => {}
+        if matches!((isa, layout), (Isa::Avx2 | Isa::Avx512, Layout::NK)) {
+            return avx2::nk(g, cols, out.0);
         }
     }
     for col in cols {
@@ -291,7 +264,8 @@ unsafe fn columns<T: Elem>(
     }
 }
 
-/// One element, `w: (K, N)`, in the canonical order (used for tails and as the portable path).
+/// One element, `w: (K, N)`: one `fma` chain over `k` in order (the only path for this
+/// layout, which no loaded model uses).
 #[inline]
 fn dot_kn<T: Elem>(g: Gemm<'_, T>, row: usize, col: usize) -> f32 {
     let x = &g.x[row * g.k..(row + 1) * g.k];
@@ -332,232 +306,20 @@ pub(crate) fn hsum8(l: [f32; 8]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    //! AVX2 + FMA tiles. Every element is computed with the arithmetic of `dot_kn` / `dot_nk`.
+    //! AVX2 + FMA tiles. Every element is computed with the arithmetic of `dot_nk`.
 
     use std::arch::x86_64::*;
     use std::ops::Range;
 
     use super::{Elem, Gemm, dot_nk, hsum8};
 
-    /// Rows of `w` per k-block: 16 rows of a gpt2-small matrix (2304 columns) are 147 KB, so a
-    /// block streams from memory once (sequentially) and is then re-read from L2 by every tile.
-    const KB: usize = 16;
-
-    /// `w: (K, N)`. For one row, the axpy form (the output row stays in L1 while the weight
-    /// rows stream through). For several rows, register tiles of `BB` rows × 16 columns over
-    /// k-blocks of [`KB`] weight rows, so each weight element loaded serves every row of the
-    /// tile. Either way each element is zeroed, gets `fma(x[k], w[k], acc)` for every `k` in
-    /// order (stored and reloaded between groups or blocks, which is exact), then the bias —
-    /// the arithmetic of `dot_kn`.
-    ///
-    /// # Safety
-    /// The CPU supports AVX2 and FMA, and the contract of [`super::columns`] holds: `g`'s
-    /// slices have the lengths `run` asserts, `cols` lies within `0..N`, and `out` is a
-    /// `(B, N)` row-major buffer whose columns `cols` no other thread touches during the call.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn kn<T: Elem>(g: Gemm<'_, T>, cols: Range<usize>, out: *mut f32) {
-        let vec_end = cols.start + (cols.end - cols.start) / 8 * 8;
-        // SAFETY: this function's contract. Every index stays in bounds: rows below B, `k` below
-        // K, columns in `cols` (the vector parts in `cols.start..vec_end`, whose length is a
-        // multiple of 8, as `axpy_rows` and `blocked_tiles` need).
-        unsafe {
-            for row in 0..g.b {
-                for c in cols.clone() {
-                    *out.add(row * g.n + c) = 0.0;
-                }
-            }
-            if g.b == 1 {
-                axpy_rows(g, cols.start..vec_end, out);
-            } else {
-                blocked_tiles(g, cols.start..vec_end, out);
-            }
-            for row in 0..g.b {
-                let x = g.x.as_ptr().add(row * g.k);
-                for c in vec_end..cols.end {
-                    let mut acc = 0.0f32;
-                    for kk in 0..g.k {
-                        acc = (*x.add(kk)).mul_add((*g.w.as_ptr().add(kk * g.n + c)).to_f32(), acc);
-                    }
-                    *out.add(row * g.n + c) = acc;
-                }
-                let o = out.add(row * g.n);
-                if let Some(bias) = g.bias {
-                    let mut c = cols.start;
-                    while c + 8 <= vec_end {
-                        let v = _mm256_add_ps(
-                            _mm256_loadu_ps(o.add(c)),
-                            _mm256_loadu_ps(bias.as_ptr().add(c)),
-                        );
-                        _mm256_storeu_ps(o.add(c), v);
-                        c += 8;
-                    }
-                    for (c, &b) in bias.iter().enumerate().take(cols.end).skip(vec_end) {
-                        *o.add(c) += b;
-                    }
-                } else {
-                    // Not a no-op in bits: the canonical order (`dot_kn`) ends with `acc + 0.0`
-                    // when there is no bias, which turns −0.0 into +0.0; the tiles must give
-                    // the same bits.
-                    for c in cols.clone() {
-                        *o.add(c) += 0.0;
-                    }
-                }
-            }
-        }
-    }
-
-    /// One row: `out[0][cols] += x[k..k+4] · w[k..k+4][cols]`, four weight rows at a time.
-    ///
-    /// # Safety
-    /// [`kn`]'s contract, with `B = 1` and `cols.len()` a multiple of 8.
-    #[inline(always)]
-    unsafe fn axpy_rows<T: Elem>(g: Gemm<'_, T>, cols: Range<usize>, out: *mut f32) {
-        // SAFETY: this function's contract; `k0 + 4 ≤ K` and `k0 < K` as `axpy_group` needs.
-        unsafe {
-            let mut k0 = 0;
-            while k0 + 4 <= g.k {
-                axpy_group::<T, 4>(g, k0, cols.clone(), out);
-                k0 += 4;
-            }
-            while k0 < g.k {
-                axpy_group::<T, 1>(g, k0, cols.clone(), out);
-                k0 += 1;
-            }
-        }
-    }
-
-    /// `out[0][cols] += x[k0..k0+KG] · w[k0..k0+KG][cols]`, eight columns at a time.
-    ///
-    /// # Safety
-    /// [`axpy_rows`]'s contract, and `k0 + KG ≤ K`.
-    #[inline(always)]
-    unsafe fn axpy_group<T: Elem, const KG: usize>(
-        g: Gemm<'_, T>,
-        k0: usize,
-        cols: Range<usize>,
-        out: *mut f32,
-    ) {
-        // SAFETY: this function's contract: `x[k0..k0+KG]` and weight rows `k0..k0+KG` exist,
-        // and `cols` is whole groups of 8 columns of row 0 within `0..N`.
-        unsafe {
-            let mut xb = [_mm256_setzero_ps(); KG];
-            for (r, slot) in xb.iter_mut().enumerate() {
-                *slot = _mm256_set1_ps(*g.x.as_ptr().add(k0 + r));
-            }
-            let w = g.w.as_ptr().add(k0 * g.n);
-            let mut c = cols.start;
-            while c < cols.end {
-                let o = out.add(c);
-                let mut acc = _mm256_loadu_ps(o);
-                for (r, &xv) in xb.iter().enumerate() {
-                    acc = _mm256_fmadd_ps(xv, T::load8(w.add(r * g.n + c)), acc);
-                    // The same columns of the next group's rows, wanted one pass over the
-                    // columns from now (the hardware prefetchers lose these strided streams
-                    // at page boundaries). Never faults, even past the end.
-                    let next = w.wrapping_add((KG + r) * g.n + c);
-                    _mm_prefetch::<_MM_HINT_T1>(next.cast());
-                }
-                _mm256_storeu_ps(o, acc);
-                c += 8;
-            }
-        }
-    }
-
-    /// Several rows: k-blocks of weight rows; inside a block, tiles of up to 4 rows × 16
-    /// columns (then 8) accumulate in registers.
-    ///
-    /// # Safety
-    /// [`kn`]'s contract, with `cols.len()` a multiple of 8.
-    #[inline(always)]
-    unsafe fn blocked_tiles<T: Elem>(g: Gemm<'_, T>, cols: Range<usize>, out: *mut f32) {
-        // SAFETY: this function's contract; each tile gets `row + rows ≤ B`, 8 or 16 columns
-        // within `cols`, and `k0 + kb ≤ K`, as `tile` needs. A prefetch never faults, and its
-        // address is inside `w` (`kk < K`, `c < N`).
-        unsafe {
-            let mut k0 = 0;
-            while k0 < g.k {
-                let kb = KB.min(g.k - k0);
-                let mut c = cols.start;
-                let next = k0 + kb;
-                while c < cols.end {
-                    let wide = c + 16 <= cols.end;
-                    // Pull the next k-block's lines of this strip towards L2 while this block
-                    // computes: one line per weight row, spread over the strips.
-                    for kk in next..(next + KB).min(g.k) {
-                        _mm_prefetch::<_MM_HINT_T1>(g.w.as_ptr().add(kk * g.n + c).cast());
-                    }
-                    let mut row = 0;
-                    while row < g.b {
-                        let rows = (g.b - row).min(4);
-                        match (rows, wide) {
-                            (4, true) => tile::<T, 4, 2>(g, row, c, k0, kb, out),
-                            (3, true) => tile::<T, 3, 2>(g, row, c, k0, kb, out),
-                            (2, true) => tile::<T, 2, 2>(g, row, c, k0, kb, out),
-                            (1, true) => tile::<T, 1, 2>(g, row, c, k0, kb, out),
-                            (4, false) => tile::<T, 4, 1>(g, row, c, k0, kb, out),
-                            (3, false) => tile::<T, 3, 1>(g, row, c, k0, kb, out),
-                            (2, false) => tile::<T, 2, 1>(g, row, c, k0, kb, out),
-                            _ => tile::<T, 1, 1>(g, row, c, k0, kb, out),
-                        }
-                        row += rows;
-                    }
-                    c += if wide { 16 } else { 8 };
-                }
-                k0 += kb;
-            }
-        }
-    }
-
-    /// `out[row..row+BB][col..col+8·NV] += x[·][k0..k0+kb] · w[k0..k0+kb][cols]` in registers.
-    ///
-    /// # Safety
-    /// [`kn`]'s contract, with `row + BB ≤ B`, `col..col + 8·NV` inside the caller's `cols`,
-    /// and `k0 + kb ≤ K`.
-    #[inline(always)]
-    unsafe fn tile<T: Elem, const BB: usize, const NV: usize>(
-        g: Gemm<'_, T>,
-        row: usize,
-        col: usize,
-        k0: usize,
-        kb: usize,
-        out: *mut f32,
-    ) {
-        // SAFETY: this function's contract bounds every row, column and `k` index used.
-        unsafe {
-            let mut acc = [[_mm256_setzero_ps(); NV]; BB];
-            for (b, acc_b) in acc.iter_mut().enumerate() {
-                for (v, a) in acc_b.iter_mut().enumerate() {
-                    *a = _mm256_loadu_ps(out.add((row + b) * g.n + col + 8 * v));
-                }
-            }
-            let x = g.x.as_ptr().add(row * g.k);
-            let w = g.w.as_ptr().add(col);
-            for kk in k0..k0 + kb {
-                let wr = w.add(kk * g.n);
-                let mut wv = [_mm256_setzero_ps(); NV];
-                for (v, slot) in wv.iter_mut().enumerate() {
-                    *slot = T::load8(wr.add(8 * v));
-                }
-                for (b, acc_b) in acc.iter_mut().enumerate() {
-                    let xb = _mm256_broadcast_ss(&*x.add(b * g.k + kk));
-                    for v in 0..NV {
-                        acc_b[v] = _mm256_fmadd_ps(xb, wv[v], acc_b[v]);
-                    }
-                }
-            }
-            for (b, acc_b) in acc.iter().enumerate() {
-                for (v, &a) in acc_b.iter().enumerate() {
-                    _mm256_storeu_ps(out.add((row + b) * g.n + col + 8 * v), a);
-                }
-            }
-        }
-    }
-
     /// `w: (N, K)`: tiles of `BB` rows × `VV` output columns (rows of w), `k` innermost in
     /// steps of 8.
     ///
     /// # Safety
-    /// As [`kn`]'s (with `w` read as `(N, K)`).
+    /// The CPU supports AVX2, FMA and F16C, and the contract of [`super::columns`] holds: `g`'s
+    /// slices have the lengths `run` asserts, `cols` lies within `0..N`, and `out` is a
+    /// `(B, N)` row-major buffer whose columns `cols` no other thread touches during the call.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn nk<T: Elem>(g: Gemm<'_, T>, cols: Range<usize>, out: *mut f32) {
         let mut col = cols.start;
@@ -650,91 +412,6 @@ mod avx2 {
                     let cidx = col + v;
                     *out.add((row + b) * g.n + cidx) = s + g.bias.map_or(0.0, |bias| bias[cidx]);
                 }
-            }
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx512 {
-    //! AVX-512 for the one-row product of Conv1D weights (a lone decode step): the axpy form of
-    //! `avx2::axpy_rows` at 16 lanes, the same `fma` chain per element.
-
-    use std::arch::x86_64::*;
-    use std::ops::Range;
-
-    use super::{Elem, Gemm, avx2};
-
-    /// `w: (K, N)`, `B = 1`: columns in whole groups of 16 here, the rest by [`avx2::kn`].
-    ///
-    /// # Safety
-    /// The CPU supports AVX-512F, AVX2, FMA and F16C, and the contract of
-    /// [`super::columns`] holds.
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    pub(super) unsafe fn kn_one_row<T: Elem>(g: Gemm<'_, T>, cols: Range<usize>, out: *mut f32) {
-        debug_assert_eq!(g.b, 1);
-        let v16 = cols.start + (cols.end - cols.start) / 16 * 16;
-        // SAFETY: this function's contract: `x` has K values, `w` K·N, `bias` N; every column
-        // touched lies in `cols.start..v16` ⊆ `cols`, in whole groups of 16.
-        unsafe {
-            let mut c = cols.start;
-            while c < v16 {
-                _mm512_storeu_ps(out.add(c), _mm512_setzero_ps());
-                c += 16;
-            }
-            let mut k0 = 0;
-            while k0 + 4 <= g.k {
-                group::<T, 4>(g, k0, cols.start..v16, out);
-                k0 += 4;
-            }
-            while k0 < g.k {
-                group::<T, 1>(g, k0, cols.start..v16, out);
-                k0 += 1;
-            }
-            let mut c = cols.start;
-            while c < v16 {
-                let o = out.add(c);
-                // `+ 0.0` without a bias, as the canonical order (`dot_kn`) ends.
-                let b = match g.bias {
-                    Some(bias) => _mm512_loadu_ps(bias.as_ptr().add(c)),
-                    None => _mm512_setzero_ps(),
-                };
-                _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), b));
-                c += 16;
-            }
-            if v16 < cols.end {
-                avx2::kn(g, v16..cols.end, out);
-            }
-        }
-    }
-
-    /// `out[cols] += x[k0..k0+KG] · w[k0..k0+KG][cols]`, sixteen columns at a time.
-    ///
-    /// # Safety
-    /// [`kn_one_row`]'s contract, `k0 + KG ≤ K`, and `cols` whole groups of 16.
-    #[inline(always)]
-    unsafe fn group<T: Elem, const KG: usize>(
-        g: Gemm<'_, T>,
-        k0: usize,
-        cols: Range<usize>,
-        out: *mut f32,
-    ) {
-        // SAFETY: this function's contract bounds every index.
-        unsafe {
-            let mut xb = [_mm512_setzero_ps(); KG];
-            for (r, slot) in xb.iter_mut().enumerate() {
-                *slot = _mm512_set1_ps(*g.x.as_ptr().add(k0 + r));
-            }
-            let w = g.w.as_ptr().add(k0 * g.n);
-            let mut c = cols.start;
-            while c < cols.end {
-                let o = out.add(c);
-                let mut acc = _mm512_loadu_ps(o);
-                for (r, &xv) in xb.iter().enumerate() {
-                    acc = _mm512_fmadd_ps(xv, T::load16(w.add(r * g.n + c)), acc);
-                }
-                _mm512_storeu_ps(o, acc);
-                c += 16;
             }
         }
     }
