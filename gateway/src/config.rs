@@ -3,6 +3,8 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
+use llorch_common::auth::ApiKeyArgs;
+
 // Each default once: clap shows it in `--help`, `GatewayConfig::new` starts from it.
 const DEFAULT_WORKER_ID: &str = "llorch-worker-0";
 const DEFAULT_HOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -16,6 +18,11 @@ const DEFAULT_CALLBACK_ATTEMPTS: u32 = 5;
 const DEFAULT_CALLBACK_BACKOFF_SECS: f64 = 0.5;
 const DEFAULT_GRACE_SECS: f64 = 30.0;
 const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
+const DEFAULT_PUBLIC_PATHS: &str = "/health,/metrics";
+const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+const DEFAULT_HEADER_READ_TIMEOUT_SECS: f64 = 10.0;
+const DEFAULT_BODY_READ_TIMEOUT_SECS: f64 = 30.0;
+const DEFAULT_MAX_HEADER_BYTES: usize = 64 << 10;
 
 /// How `llorch-gateway` runs.
 #[derive(Debug, Clone, clap::Args)]
@@ -73,6 +80,37 @@ pub struct GatewayConfig {
     /// Largest request body, in bytes.
     #[arg(long, env = "LLORCH_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
+    /// Most client connections open at once; one more gets 503 and is closed.
+    #[arg(long, env = "LLORCH_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's line and headers (slow clients are dropped).
+    #[arg(
+        long,
+        env = "LLORCH_HEADER_READ_TIMEOUT_SECS",
+        default_value_t = DEFAULT_HEADER_READ_TIMEOUT_SECS
+    )]
+    pub header_read_timeout_secs: f64,
+    /// Seconds a request body may pause between two chunks before the request fails (400).
+    #[arg(
+        long,
+        env = "LLORCH_BODY_READ_TIMEOUT_SECS",
+        default_value_t = DEFAULT_BODY_READ_TIMEOUT_SECS
+    )]
+    pub body_read_timeout_secs: f64,
+    /// Largest request line plus headers, in bytes; more gets 431.
+    #[arg(long, env = "LLORCH_MAX_HEADER_BYTES", default_value_t = DEFAULT_MAX_HEADER_BYTES)]
+    pub max_header_bytes: usize,
+    /// The API key (also sent on every call to the tokenizer and the engines).
+    #[command(flatten)]
+    pub auth: ApiKeyArgs,
+    /// Paths served without the API key, exact, comma-separated (empty: none).
+    #[arg(
+        long,
+        env = "LLORCH_PUBLIC_PATHS",
+        value_delimiter = ',',
+        default_value = DEFAULT_PUBLIC_PATHS
+    )]
+    pub public_paths: Vec<String>,
 }
 
 /// An `http://` or `https://` URL with a host; clap prints the flag and the value with the
@@ -109,13 +147,38 @@ impl GatewayConfig {
             callback_backoff_secs: DEFAULT_CALLBACK_BACKOFF_SECS,
             grace_secs: DEFAULT_GRACE_SECS,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_read_timeout_secs: DEFAULT_HEADER_READ_TIMEOUT_SECS,
+            body_read_timeout_secs: DEFAULT_BODY_READ_TIMEOUT_SECS,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            auth: ApiKeyArgs::default(),
+            public_paths: DEFAULT_PUBLIC_PATHS.split(',').map(str::to_owned).collect(),
         }
+    }
+
+    /// The listener's limits.
+    pub fn listener_limits(&self) -> crate::listener::Limits {
+        crate::listener::Limits {
+            max_connections: self.max_connections.max(1),
+            header_read_timeout: secs(self.header_read_timeout_secs),
+            max_header_bytes: self.max_header_bytes,
+        }
+    }
+
+    /// The longest pause within a request body.
+    pub fn body_read_timeout(&self) -> Duration {
+        secs(self.body_read_timeout_secs)
     }
 
     /// The total time budget of one job.
     pub fn request_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.request_timeout.max(0.001))
     }
+}
+
+/// `v` seconds, at least 1 ms (a bad value must not mean "no time" or "forever").
+fn secs(v: f64) -> Duration {
+    Duration::try_from_secs_f64(v).unwrap_or(Duration::ZERO).max(Duration::from_millis(1))
 }
 
 #[cfg(test)]

@@ -20,6 +20,8 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
+use llorch_common::auth::ApiKey;
+
 use crate::upstream::{Engine, Traced, channel};
 
 /// How often each replica's readiness is asked.
@@ -126,7 +128,7 @@ impl Source {
         let port = uri.port_u16().unwrap_or(if scheme == "https" { 443 } else { 80 });
         let literal = host.parse::<IpAddr>().is_ok();
         // The channel is built here once so that a bad URL fails at start, naming the flag.
-        channel(url).map_err(|e| anyhow::anyhow!("--engine-url {url:?}: {e}"))?;
+        channel(url, None).map_err(|e| anyhow::anyhow!("--engine-url {url:?}: {e}"))?;
         Ok(Self { url: url.to_owned(), scheme, host, port, literal })
     }
 
@@ -155,6 +157,8 @@ impl Source {
 #[derive(Debug)]
 struct Pool {
     sources: Vec<Source>,
+    /// What every call carries.
+    key: Option<ApiKey>,
     replicas: Mutex<Vec<Arc<Replica>>>,
     /// Rotates the choice among equally loaded replicas.
     turn: AtomicUsize,
@@ -179,12 +183,16 @@ pub struct ReplicaCount {
 impl Engines {
     /// The replicas of `urls`. Nothing connects until the first probe; call [`Engines::start`]
     /// (inside a runtime) to begin resolving and probing.
-    pub fn new(urls: &[String]) -> anyhow::Result<Self> {
+    /// Every call to them carries `key`, when given.
+    pub fn new(urls: &[String], key: Option<&ApiKey>) -> anyhow::Result<Self> {
         anyhow::ensure!(!urls.is_empty(), "--engine-url: at least one engine is needed");
         let sources = urls.iter().map(|u| Source::parse(u)).collect::<anyhow::Result<Vec<_>>>()?;
-        let replicas =
-            sources.iter().map(|s| new_replica(&s.url)).collect::<anyhow::Result<Vec<_>>>()?;
-        let pool = Pool { sources, replicas: Mutex::new(replicas), turn: AtomicUsize::new(0) };
+        let key = key.cloned();
+        let replicas = sources
+            .iter()
+            .map(|s| new_replica(&s.url, key.as_ref()))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let pool = Pool { sources, key, replicas: Mutex::new(replicas), turn: AtomicUsize::new(0) };
         Ok(Self { pool: Arc::new(pool) })
     }
 
@@ -272,8 +280,8 @@ impl Engines {
     }
 }
 
-fn new_replica(url: &str) -> anyhow::Result<Arc<Replica>> {
-    let channel = channel(url)?;
+fn new_replica(url: &str, key: Option<&ApiKey>) -> anyhow::Result<Arc<Replica>> {
+    let channel = channel(url, key)?;
     let client = EngineClient::new(channel.clone()).max_decoding_message_size(16 << 20);
     Ok(Arc::new(Replica {
         url: url.to_owned(),
@@ -299,7 +307,7 @@ async fn refresh(pool: &Pool, resolve: bool) {
         replicas.retain(|r| wanted.contains(&r.url));
         let known: HashSet<String> = replicas.iter().map(|r| r.url.clone()).collect();
         for url in urls.iter().filter(|u| !known.contains(*u)) {
-            match new_replica(url) {
+            match new_replica(url, pool.key.as_ref()) {
                 Ok(r) => replicas.push(r),
                 Err(e) => tracing::warn!(url, error = %e, "cannot make a client for the replica"),
             }
@@ -333,16 +341,16 @@ mod tests {
 
     #[tokio::test]
     async fn a_bad_url_names_the_flag_and_the_value() {
-        let err = Engines::new(&["not a url".to_owned()]).unwrap_err().to_string();
+        let err = Engines::new(&["not a url".to_owned()], None).unwrap_err().to_string();
         assert!(err.contains("--engine-url") && err.contains("not a url"), "{err}");
-        let err = Engines::new(&[]).unwrap_err().to_string();
+        let err = Engines::new(&[], None).unwrap_err().to_string();
         assert!(err.contains("--engine-url"), "{err}");
     }
 
     #[tokio::test]
     async fn ip_urls_are_their_own_replica_and_names_resolve_to_each_address() {
         let engines =
-            Engines::new(&["http://127.0.0.1:1".to_owned(), "http://localhost:2".to_owned()])
+            Engines::new(&["http://127.0.0.1:1".to_owned(), "http://localhost:2".to_owned()], None)
                 .unwrap();
         refresh(&engines.pool, true).await;
         let urls: Vec<String> = engines.replicas().iter().map(|r| r.url.clone()).collect();
@@ -359,7 +367,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_lease_counts_until_dropped() {
-        let replica = new_replica("http://127.0.0.1:1").unwrap();
+        let replica = new_replica("http://127.0.0.1:1", None).unwrap();
         let a = EngineLease::new(Arc::clone(&replica));
         let b = EngineLease::new(Arc::clone(&replica));
         assert_eq!(replica.in_flight(), 2);

@@ -14,6 +14,8 @@ pub enum ErrorKind {
     InvalidRequest,
     /// A job with the same id is running (409 / `INVALID_REQUEST`).
     Conflict,
+    /// The request lacks the API key (401 / `UNAUTHORIZED`).
+    Unauthorized,
     /// Too much work already (429, retriable).
     Overloaded,
     /// An upstream service is down, or the worker is draining (503, retriable).
@@ -66,7 +68,9 @@ impl GatewayError {
         };
         tracing::warn!(upstream, code = ?status.code(), message = status.message(), "upstream error");
         let message = match kind {
-            ErrorKind::InvalidRequest | ErrorKind::Conflict => status.message().to_owned(),
+            ErrorKind::InvalidRequest | ErrorKind::Conflict | ErrorKind::Unauthorized => {
+                status.message().to_owned()
+            }
             ErrorKind::Overloaded => "the engine queue is full; retry later".to_owned(),
             ErrorKind::Unavailable => format!("the {upstream} service is unavailable"),
             ErrorKind::Timeout => "the request timed out".to_owned(),
@@ -83,6 +87,7 @@ impl GatewayError {
         match self.kind {
             ErrorKind::InvalidRequest => StatusCode::BAD_REQUEST,
             ErrorKind::Conflict => StatusCode::CONFLICT,
+            ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorKind::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
@@ -96,6 +101,7 @@ impl GatewayError {
     pub fn code(&self) -> &'static str {
         match self.kind {
             ErrorKind::InvalidRequest | ErrorKind::Conflict => "INVALID_REQUEST",
+            ErrorKind::Unauthorized => "UNAUTHORIZED",
             ErrorKind::Overloaded => "OVERLOADED",
             ErrorKind::Unavailable => "WORKER_UNHEALTHY",
             ErrorKind::Timeout => "TIMEOUT",
@@ -113,6 +119,7 @@ impl GatewayError {
             | ErrorKind::UpstreamLost => true,
             ErrorKind::InvalidRequest
             | ErrorKind::Conflict
+            | ErrorKind::Unauthorized
             | ErrorKind::Cancelled
             | ErrorKind::Internal => false,
         }
@@ -127,8 +134,8 @@ impl GatewayError {
 /// The JSON body of a refusal, and the payload of the SSE `error` event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ErrorBody {
-    /// `INVALID_REQUEST`, `OVERLOADED`, `WORKER_UNHEALTHY`, `TIMEOUT`, `CANCELLED`,
-    /// `INFERENCE_FAILED`.
+    /// `INVALID_REQUEST`, `UNAUTHORIZED`, `OVERLOADED`, `WORKER_UNHEALTHY`, `TIMEOUT`,
+    /// `CANCELLED`, `INFERENCE_FAILED`.
     pub code: &'static str,
     /// What happened.
     pub message: String,

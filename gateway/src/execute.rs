@@ -25,6 +25,7 @@ pub async fn execute(
     body: Result<axum::Json<ExecuteRequest>, JsonRejection>,
 ) -> Response {
     let received = Instant::now();
+    llorch_common::failpoint::hit("gateway.execute");
     if app.is_draining() {
         let draining = GatewayError::new(ErrorKind::Unavailable, "the worker is shutting down");
         return refuse(&app, draining.into());

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use llorch_common::telemetry;
 use llorch_proto::engine::v1 as epb;
 use llorch_proto::tokenizer::v1 as tpb;
@@ -184,7 +184,18 @@ pub async fn start(
     request_attributes(&span, &request);
     match open(app, request, ctx, received, span.clone()).instrument(span.clone()).await {
         Ok((job, events)) => {
-            tokio::spawn(job.run().instrument(span));
+            // A panic ends the job's events without a last one, which the streams report as
+            // an error; the in-flight permit is released as the job unwinds.
+            let run = std::panic::AssertUnwindSafe(job.run()).catch_unwind();
+            tokio::spawn(
+                async move {
+                    if let Err(payload) = run.await {
+                        let message = llorch_common::failpoint::panic_message(payload.as_ref());
+                        tracing::error!(panic = message, "a job's task panicked");
+                    }
+                }
+                .instrument(span),
+            );
             Ok(events)
         }
         Err(refusal) => {
@@ -404,6 +415,7 @@ impl Ending {
 
 impl Job {
     async fn run(mut self) {
+        llorch_common::failpoint::hit("gateway.job");
         let started = JobEvent::Started {
             job_id: self.request.job_id.clone(),
             model: self.model.clone(),
@@ -617,6 +629,7 @@ fn mid_stream_error(status: &tonic::Status) -> GatewayError {
         }
         ErrorKind::InvalidRequest
         | ErrorKind::Conflict
+        | ErrorKind::Unauthorized
         | ErrorKind::Overloaded
         | ErrorKind::Internal => GatewayError::new(ErrorKind::Internal, "inference failed"),
     }

@@ -2,6 +2,7 @@
 //! `/metrics`) over the tokenizer and engine gRPC services, and OpenAI-compatible completions
 //! beside it ([`openai`]).
 
+pub mod auth;
 pub mod callback;
 pub mod config;
 pub mod correlation;
@@ -10,6 +11,7 @@ pub mod engines;
 pub mod error;
 pub mod execute;
 pub mod job;
+pub mod listener;
 pub mod metrics;
 pub mod openai;
 pub mod server;

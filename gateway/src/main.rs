@@ -28,7 +28,7 @@ enum Command {
     /// Serve the worker API (the default when no subcommand is given).
     Serve {
         #[command(flatten)]
-        config: GatewayConfig,
+        config: Box<GatewayConfig>,
     },
     /// Ask a running gateway's `GET /health`: exit 0 when healthy, 1 with the reason otherwise
     /// (container healthchecks; the image has no curl).
@@ -49,11 +49,12 @@ async fn main() -> anyhow::Result<()> {
             let url = args.url.clone().unwrap_or_else(|| format!("http://127.0.0.1:{port}"));
             probe::exit_with(http_health(&url, args.timeout()).await)
         }
-        Some(Command::Serve { config }) => config,
+        Some(Command::Serve { config }) => *config,
         None => cli.config,
     };
     // Flushes queued spans when dropped, at the end of main.
     let _telemetry = telemetry::init(&cli.telemetry, "llorch-gateway")?;
+    llorch_common::failpoint::init()?;
     let addr = SocketAddr::new(config.host, config.port);
     let listener =
         tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot bind {addr}"))?;

@@ -90,7 +90,9 @@ impl Outcome {
     /// The outcome of a request that ended with an error of `kind`.
     pub fn of_error(kind: ErrorKind) -> Self {
         match kind {
-            ErrorKind::InvalidRequest | ErrorKind::Conflict => Self::Invalid,
+            ErrorKind::InvalidRequest | ErrorKind::Conflict | ErrorKind::Unauthorized => {
+                Self::Invalid
+            }
             ErrorKind::Overloaded => Self::Overloaded,
             ErrorKind::Unavailable => Self::Unavailable,
             ErrorKind::Timeout => Self::Timeout,

@@ -15,12 +15,15 @@ use llorch_common::telemetry;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::net::TcpListener;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::callback;
 use crate::config::GatewayConfig;
 use crate::error::{ErrorKind, GatewayError, json_rejection};
 use crate::execute::execute;
+use crate::openai::error::OpenAiError;
 use crate::state::AppState;
 use crate::upstream::Upstreams;
 
@@ -33,8 +36,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/cancel", post(cancel))
         .route("/cancel/{job_id}", post(cancel_by_path))
         .route("/metrics", get(metrics))
-        .merge(crate::openai::routes())
+        .layer(CatchPanicLayer::custom(|payload| panic_response(payload).into_response()))
+        .merge(crate::openai::routes().layer(CatchPanicLayer::custom(|payload| {
+            OpenAiError::from(panic_response(payload)).into_response()
+        })))
         .layer(DefaultBodyLimit::max(limit))
+        .layer(RequestBodyTimeoutLayer::new(state.config.body_read_timeout()))
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), crate::auth::layer))
         .layer(axum::middleware::from_fn(crate::correlation::layer))
         .layer(
             TraceLayer::new_for_http()
@@ -46,6 +54,17 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .on_failure(()),
         )
         .with_state(state)
+}
+
+/// What a request whose handler panicked answers (500, in each route family's error shape),
+/// logged with the panic's text; the server goes on serving.
+fn panic_response(payload: Box<dyn std::any::Any + Send>) -> GatewayError {
+    let message = llorch_common::failpoint::panic_message(payload.as_ref());
+    tracing::error!(panic = message, "a request's handler panicked; it ends with 500");
+    GatewayError::new(
+        ErrorKind::Internal,
+        "the gateway failed while handling this request (a bug: see its log)",
+    )
 }
 
 /// The server span of one HTTP request, named `METHOD /route` after the OpenTelemetry HTTP
@@ -211,12 +230,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
-    let upstreams = Upstreams::connect_lazy(&config.tokenizer_url, &config.engine_urls)?;
+    let key = config.auth.load()?;
+    let upstreams =
+        Upstreams::connect_lazy(&config.tokenizer_url, &config.engine_urls, key.as_ref())?;
     upstreams.engines.start().await;
-    let state = Arc::new(AppState::new(config.clone(), upstreams));
+    let state = Arc::new(AppState::new(config.clone(), upstreams, key));
     let app = router(Arc::clone(&state));
     let drain = llorch_common::shutdown::DrainSignal::new();
-    let server = axum::serve(listener, app).with_graceful_shutdown(drain.started());
+    let server = crate::listener::serve(listener, app, config.listener_limits(), drain.started());
     tracing::info!(%addr, tokenizer = %config.tokenizer_url, engines = ?config.engine_urls, "gateway listening");
 
     // Empty counts as unset (a compose file passes `LLORCH_PUBLIC_URL=` when none is given).
@@ -241,7 +262,7 @@ pub async fn run(
     };
     let server = async {
         llorch_common::shutdown::drain_with_deadline(
-            server.into_future(),
+            server,
             drain.started(),
             Duration::from_secs(5),
         )

@@ -11,7 +11,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::error::ErrorBody;
+use crate::error::{ErrorBody, ErrorKind, GatewayError};
 use crate::job::{JobEvent, StopReason};
 
 /// Idle time before a keep-alive comment.
@@ -121,8 +121,27 @@ impl From<JobEvent> for SseEvent {
 pub fn stream(
     events: mpsc::Receiver<JobEvent>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>> + use<>> {
-    let frames = ReceiverStream::new(events).map(|e| Ok(SseEvent::from(e).frame()));
+    let mut ended = false;
+    let frames = ReceiverStream::new(events).map(Some).chain(futures::stream::once(async { None }));
+    let frames = frames.filter_map(move |event| {
+        let frame = match event {
+            Some(event) => {
+                ended |= matches!(event, JobEvent::End(_) | JobEvent::Failed(_));
+                Some(SseEvent::from(event).frame())
+            }
+            None if ended => None,
+            // The job's task ended without a last event (it panicked): say so, never end the
+            // stream as if it had finished.
+            None => Some(SseEvent::Error(job_ended_early().body()).frame()),
+        };
+        futures::future::ready(frame.map(Ok))
+    });
     Sse::new(frames).keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+}
+
+/// The error of a job whose events ended without `End` or `Failed`.
+pub fn job_ended_early() -> GatewayError {
+    GatewayError::new(ErrorKind::Internal, "the job ended without a result")
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use llorch_common::auth::ApiKey;
 use tokio::sync::{Notify, Semaphore};
 
 use crate::config::GatewayConfig;
@@ -38,15 +39,18 @@ pub struct AppState {
     pub metrics: Metrics,
     /// One permit per running `/execute` stream.
     pub in_flight: Arc<Semaphore>,
+    /// The key every request but `--public-paths` must carry, when set.
+    pub api_key: Option<ApiKey>,
     jobs: Mutex<HashMap<String, Arc<Notify>>>,
     draining: AtomicBool,
     facts: RwLock<Option<ModelFacts>>,
 }
 
 impl AppState {
-    /// Fresh state.
-    pub fn new(config: GatewayConfig, upstreams: Upstreams) -> Self {
+    /// Fresh state; with `api_key`, requests must carry it.
+    pub fn new(config: GatewayConfig, upstreams: Upstreams, api_key: Option<ApiKey>) -> Self {
         Self {
+            api_key,
             in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
             config,
             upstreams,

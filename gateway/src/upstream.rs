@@ -5,12 +5,14 @@
 
 use std::time::Duration;
 
+use llorch_common::auth::ApiKey;
 use llorch_common::telemetry::TracePropagation;
 use llorch_proto::engine::v1::InfoResponse as EngineInfo;
 use llorch_proto::engine::v1::engine_client::EngineClient;
 use llorch_proto::tokenizer::v1::InfoRequest as TokenizerInfoRequest;
 use llorch_proto::tokenizer::v1::InfoResponse as TokenizerInfo;
 use llorch_proto::tokenizer::v1::tokenizer_client::TokenizerClient;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
@@ -20,8 +22,37 @@ use crate::error::GatewayError;
 /// How long a health probe of an upstream may take.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// A channel whose calls carry the current trace context.
-pub type Traced = InterceptedService<Channel, TracePropagation>;
+/// A channel whose calls carry the current trace context and the API key ([`Outbound`]).
+pub type Traced = InterceptedService<Channel, Outbound>;
+
+/// What every outgoing call carries: the current span's trace context, and the worker's API
+/// key when one is configured (the services then require it).
+#[derive(Debug, Clone, Default)]
+pub struct Outbound {
+    authorization: Option<MetadataValue<Ascii>>,
+}
+
+impl Outbound {
+    /// Calls carrying `key`, if any.
+    pub fn new(key: Option<&ApiKey>) -> Self {
+        let authorization = key.and_then(|k| {
+            let mut v = MetadataValue::try_from(k.bearer().as_bytes()).ok()?;
+            v.set_sensitive(true);
+            Some(v)
+        });
+        Self { authorization }
+    }
+}
+
+impl tonic::service::Interceptor for Outbound {
+    fn call(&mut self, req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let mut req = TracePropagation.call(req)?;
+        if let Some(v) = &self.authorization {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
 
 /// The tokenizer client type.
 pub type Tokenizer = TokenizerClient<Traced>;
@@ -65,24 +96,29 @@ impl CallContext {
 /// The channel to `url`, connecting lazily and reconnecting by itself, whose calls carry the
 /// trace context. Every gRPC client of the gateway (the tokenizer, each engine replica and its
 /// readiness probe) is built on one of these.
-pub fn channel(url: &str) -> anyhow::Result<Traced> {
+pub fn channel(url: &str, key: Option<&ApiKey>) -> anyhow::Result<Traced> {
     let channel = Endpoint::from_shared(url.to_owned())?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .connect_lazy();
-    Ok(InterceptedService::new(channel, TracePropagation))
+    Ok(InterceptedService::new(channel, Outbound::new(key)))
 }
 
 impl Upstreams {
     /// Clients for the tokenizer URL and the engine replicas' URLs; nothing connects until the
     /// first call or probe. Call [`Engines::start`] on `engines` to begin probing them.
-    pub fn connect_lazy(tokenizer_url: &str, engine_urls: &[String]) -> anyhow::Result<Self> {
+    /// Every call carries `key`, when given.
+    pub fn connect_lazy(
+        tokenizer_url: &str,
+        engine_urls: &[String],
+        key: Option<&ApiKey>,
+    ) -> anyhow::Result<Self> {
         let tokenizer = TokenizerClient::new(
-            channel(tokenizer_url)
+            channel(tokenizer_url, key)
                 .map_err(|e| anyhow::anyhow!("--tokenizer-url {tokenizer_url:?}: {e}"))?,
         );
-        let engines = Engines::new(engine_urls)?;
+        let engines = Engines::new(engine_urls, key)?;
         Ok(Self { tokenizer, engines })
     }
 

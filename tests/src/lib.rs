@@ -123,6 +123,7 @@ pub async fn start_tokenizer(
         port: 0,
         limits: llorch_tokenizer::Limits::default(),
         grace_secs: 5.0,
+        auth: Default::default(),
     };
     tweak(&mut config);
     Service::spawn(move |listener, shutdown| {
@@ -202,7 +203,16 @@ impl Stack {
         engine_tweak: impl FnOnce(&mut llorch_engine::server::ServeConfig),
         gateway_tweak: impl FnOnce(&mut llorch_gateway::GatewayConfig),
     ) -> anyhow::Result<Self> {
-        let tokenizer = start_tokenizer(|_| {}).await?;
+        Self::start_with(|_| {}, engine_tweak, gateway_tweak).await
+    }
+
+    /// [`Stack::start`] with the tokenizer's configuration tweaked too.
+    pub async fn start_with(
+        tokenizer_tweak: impl FnOnce(&mut llorch_tokenizer::ServeConfig),
+        engine_tweak: impl FnOnce(&mut llorch_engine::server::ServeConfig),
+        gateway_tweak: impl FnOnce(&mut llorch_gateway::GatewayConfig),
+    ) -> anyhow::Result<Self> {
+        let tokenizer = start_tokenizer(tokenizer_tweak).await?;
         let engine = start_engine(engine_tweak).await?;
         tokenizer.wait_serving(llorch_proto::TOKENIZER_SERVICE).await?;
         engine.wait_serving(llorch_proto::ENGINE_SERVICE).await?;
@@ -219,6 +229,43 @@ impl Stack {
     /// `http://gateway/<path>`.
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.gateway.url())
+    }
+
+    /// The engine's `Info`.
+    pub async fn engine_info(&self) -> anyhow::Result<llorch_proto::engine::v1::InfoResponse> {
+        let mut engine =
+            llorch_proto::engine::v1::engine_client::EngineClient::new(self.engine.channel());
+        Ok(engine.info(llorch_proto::engine::v1::InfoRequest {}).await?.into_inner())
+    }
+
+    /// The gateway's `llorch_in_flight_requests` gauge.
+    pub async fn gateway_in_flight(&self) -> anyhow::Result<f64> {
+        let text = reqwest::get(self.url("/metrics")).await?.text().await?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("llorch_in_flight_requests "))
+            .context("no llorch_in_flight_requests in /metrics")?
+            .trim()
+            .parse()
+            .context("llorch_in_flight_requests is not a number")
+    }
+
+    /// Waits (10 s at most) until nothing is left of earlier work: the gateway's in-flight
+    /// gauge, and the engine's running, waiting and KV caches in use, all 0. What every fault
+    /// test checks after its fault.
+    pub async fn settled(&self) -> anyhow::Result<()> {
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let i = self.engine_info().await?;
+            let in_flight = self.gateway_in_flight().await?;
+            let left = (in_flight, i.running, i.waiting, i.kv_caches_in_use);
+            if left == (0.0, 0, 0, 0) {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= until {
+                bail!("not settled after 10 s: (in flight, running, waiting, caches) = {left:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Stops all three.
@@ -339,7 +386,13 @@ pub struct EngineProcess {
 impl EngineProcess {
     /// Starts the engine binary on `port` (0 = any) and waits until it is ready.
     pub fn spawn(port: u16, model: &Path) -> anyhow::Result<Self> {
+        Self::spawn_with_env(port, model, &[])
+    }
+
+    /// [`EngineProcess::spawn`] with the variables `env` set (e.g. `LLORCH_FAILPOINTS`).
+    pub fn spawn_with_env(port: u16, model: &Path, env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let mut child = std::process::Command::new(engine_binary()?)
+            .envs(env.iter().copied())
             .args([
                 "--log-format",
                 "json",

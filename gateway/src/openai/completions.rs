@@ -75,6 +75,7 @@ pub async fn completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let received = Instant::now();
+    llorch_common::failpoint::hit("gateway.completions");
     match start(&app, correlation, body, received).await {
         Ok(resp) => resp,
         Err(Refused(outcome, e)) => {
@@ -163,7 +164,7 @@ fn usage(summary: &Summary) -> Value {
 }
 
 fn job_ended_early() -> OpenAiError {
-    GatewayError::new(ErrorKind::Internal, "the job ended without a result").into()
+    crate::sse::job_ended_early().into()
 }
 
 impl Answer {

@@ -110,9 +110,10 @@ impl From<ValidationErrors> for OpenAiError {
 impl From<GatewayError> for OpenAiError {
     fn from(e: GatewayError) -> Self {
         let kind = match e.kind {
-            ErrorKind::InvalidRequest | ErrorKind::Conflict | ErrorKind::Cancelled => {
-                "invalid_request_error"
-            }
+            ErrorKind::InvalidRequest
+            | ErrorKind::Conflict
+            | ErrorKind::Unauthorized
+            | ErrorKind::Cancelled => "invalid_request_error",
             ErrorKind::Overloaded => "rate_limit_error",
             ErrorKind::Unavailable
             | ErrorKind::Timeout
@@ -121,6 +122,7 @@ impl From<GatewayError> for OpenAiError {
         };
         let code = match e.kind {
             ErrorKind::Overloaded => "rate_limit_exceeded".to_owned(),
+            ErrorKind::Unauthorized => "invalid_api_key".to_owned(),
             ErrorKind::InvalidRequest
             | ErrorKind::Conflict
             | ErrorKind::Unavailable

@@ -216,6 +216,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // Flushes queued spans when dropped, at the end of main.
     let _telemetry = telemetry::init(&cli.telemetry, "llorch-engine")?;
+    llorch_common::failpoint::init()?;
     llorch_engine::blas_core::log_report(blas_core);
     match cli.command {
         Command::Serve(config) => serve(config),

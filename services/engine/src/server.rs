@@ -102,6 +102,8 @@ pub struct ServeConfig {
     /// formats").
     #[arg(long, env = "LLORCH_WEIGHTS", value_enum, default_value_t = WeightFormat::Stored)]
     pub weights: WeightFormat,
+    #[command(flatten)]
+    pub auth: llorch_common::auth::ApiKeyArgs,
 }
 
 impl ServeConfig {
@@ -121,6 +123,7 @@ impl ServeConfig {
             grace_secs: defaults::GRACE_SECS,
             max_message_bytes: defaults::MAX_MESSAGE_BYTES,
             weights: WeightFormat::Stored,
+            auth: llorch_common::auth::ApiKeyArgs::default(),
         }
     }
 
@@ -177,7 +180,8 @@ impl Engine for EngineService {
         if engine.scheduler.is_draining() {
             return Err(EngineError::Unavailable("draining").into());
         }
-        let deadline = grpc_timeout(request.metadata()).map(|d| Instant::now() + d);
+        llorch_common::failpoint::hit("engine.generate");
+        let deadline = grpc::grpc_timeout(request.metadata().as_ref()).map(|d| Instant::now() + d);
         let req = validate(request.into_inner(), engine.model.config(), self.max_new_tokens_limit)?;
         let span = tracing::Span::current();
         span.record("request_id", req.request_id.as_str());
@@ -332,25 +336,6 @@ fn finished(f: &scheduler::Finished) -> pb::Finished {
     }
 }
 
-/// The `grpc-timeout` header (`<digits><H|M|S|m|u|n>`), if present and well formed.
-pub fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<Duration> {
-    let v = meta.get("grpc-timeout")?.to_str().ok()?;
-    if v.len() < 2 || v.len() > 9 {
-        return None;
-    }
-    let (digits, unit) = v.split_at(v.len() - 1);
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n.saturating_mul(3600)),
-        "M" => Duration::from_secs(n.saturating_mul(60)),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
-}
-
 /// Serves the engine on `listener` until `shutdown` resolves. Health is NOT_SERVING until the
 /// model is loaded. On shutdown: NOT_SERVING, new requests refused (`UNAVAILABLE`), running
 /// streams get [`ServeConfig::grace_secs`] to finish, the rest end with `CANCELLED`, then the
@@ -361,6 +346,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.check()?;
+    let key = config.auth.load()?;
     let addr = listener.local_addr()?;
     let health = Health::new(llorch_proto::ENGINE_SERVICE).await;
     let service = EngineService {
@@ -401,7 +387,17 @@ pub async fn run(
         let _ = service.loaded.set(Loaded { model, name, scheduler: scheduler.clone() });
         health.ready().await;
 
-        shutdown.await;
+        tokio::select! {
+            () = shutdown => {}
+            () = scheduler.failed() => {
+                // Not serving: load balancers stop sending, and the process exits non-zero
+                // (once the failed streams have had their error) so that a supervisor
+                // restarts it.
+                health.draining().await;
+                scheduler.start_draining();
+                anyhow::bail!("the engine's scheduler thread panicked (see the log above)");
+            }
+        }
         health.draining().await;
         scheduler.start_draining();
         let grace = Duration::from_secs_f64(config.grace_secs);
@@ -421,7 +417,7 @@ pub async fn run(
     // Streams are drained (or cancelled) before the server is told to stop; its short grace
     // only covers clients that keep idle connections open.
     let grace = Duration::from_secs(5);
-    grpc::serve(listener, &health, Routes::new(engine_server), lifecycle, grace).await?;
+    grpc::serve(listener, &health, Routes::new(engine_server), key, lifecycle, grace).await?;
     tracing::info!("engine service stopped");
     Ok(())
 }

@@ -22,6 +22,8 @@ pub struct ServeConfig {
     /// Seconds that open streams get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "LLORCH_TOKENIZER_GRACE_SECS", default_value_t = 10.0)]
     pub grace_secs: f64,
+    #[command(flatten)]
+    pub auth: llorch_common::auth::ApiKeyArgs,
 }
 
 impl ServeConfig {

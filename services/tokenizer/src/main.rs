@@ -77,6 +77,7 @@ async fn main() -> anyhow::Result<()> {
     }
     // Flushes queued spans when dropped, at the end of main.
     let _telemetry = telemetry::init(&cli.telemetry, "llorch-tokenizer")?;
+    llorch_common::failpoint::init()?;
     match cli.command {
         Command::Health { .. } => unreachable!("answered above"),
         Command::Serve(config) => {

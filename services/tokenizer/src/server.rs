@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use llorch_proto::tokenizer::v1 as pb;
 use llorch_proto::tokenizer::v1::tokenizer_server::{Tokenizer, TokenizerServer};
 use tokio::net::TcpListener;
@@ -80,6 +80,7 @@ impl Tokenizer for TokenizerService {
         &self,
         request: Request<pb::EncodeRequest>,
     ) -> Result<Response<pb::EncodeResponse>, Status> {
+        llorch_common::failpoint::hit("tokenizer.encode");
         let pb::EncodeRequest { text, add_special_tokens } = request.into_inner();
         if text.len() > self.limits.max_text_bytes {
             let err =
@@ -115,8 +116,18 @@ impl Tokenizer for TokenizerService {
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let service = self.clone();
+        // A panic in the task ends the stream with INTERNAL, never as if it had finished.
+        let on_panic = tx.clone();
+        let task = std::panic::AssertUnwindSafe(decode_stream_task(service, tok, inbound, tx));
         tokio::spawn(
-            decode_stream_task(service, tok, inbound, tx).instrument(tracing::Span::current()),
+            async move {
+                if let Err(payload) = task.catch_unwind().await {
+                    let message = llorch_common::failpoint::panic_message(payload.as_ref());
+                    tracing::error!(panic = message, "a decode stream's task panicked");
+                    let _ = on_panic.send(Err(Status::internal("internal tokenizer error"))).await;
+                }
+            }
+            .instrument(tracing::Span::current()),
         );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -154,6 +165,7 @@ async fn decode_stream_task(
             None => break,
         };
         messages += 1;
+        llorch_common::failpoint::hit("tokenizer.decode_stream");
         let state =
             decoder.take().unwrap_or_else(|| IncrementalDecoder::new(msg.skip_special_tokens));
         if let Err(err) = service.check_id_count(msg.ids.len()) {
@@ -196,6 +208,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let key = config.auth.load()?;
     let addr = listener.local_addr()?;
     let health = Health::new(llorch_proto::TOKENIZER_SERVICE).await;
     let service = TokenizerService::loading(config.limits);
@@ -220,7 +233,7 @@ pub async fn run(
         health.draining().await;
         anyhow::Ok(())
     };
-    grpc::serve(listener, &health, Routes::new(tokenizer_server), lifecycle, config.grace())
+    grpc::serve(listener, &health, Routes::new(tokenizer_server), key, lifecycle, config.grace())
         .await?;
     tracing::info!("tokenizer service stopped");
     Ok(())

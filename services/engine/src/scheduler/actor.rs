@@ -234,6 +234,9 @@ impl Scheduler {
                 break;
             }
             self.reap();
+            if !self.entries.is_empty() {
+                llorch_common::failpoint::hit("engine.scheduler");
+            }
             self.admit();
             self.prefill_step();
             self.decode_step();
@@ -486,6 +489,23 @@ impl Scheduler {
 
 /// The end of a `Generate` span: usage, finish reason and latencies after the OpenTelemetry
 /// GenAI conventions; a cancelled or timed-out stream marks the span failed.
+/// A panic on this thread unwinds through here: every job still held gets an error event
+/// (so that no stream waits for a token that will not come) before its channel closes, and
+/// [`super::spawn`]'s guard then reports the scheduler failed.
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for e in self.entries.values() {
+            telemetry::error(&e.span, "the engine's scheduler failed");
+            let _ = e.events.try_send(Event::Error(
+                "the engine failed (its scheduler thread panicked) and is restarting".into(),
+            ));
+        }
+    }
+}
+
 fn finish_attributes(span: &tracing::Span, reason: FinishReason, generated: usize, t: &Timings) {
     if !telemetry::enabled() {
         return;

@@ -185,6 +185,8 @@ pub struct SchedulerHandle {
     tx: mpsc::Sender<Command>,
     stats: Arc<Stats>,
     draining: DrainSignal,
+    /// Fired when the scheduler thread panicked.
+    failed: DrainSignal,
     config: SchedulerConfig,
 }
 
@@ -241,6 +243,12 @@ impl SchedulerHandle {
         }
     }
 
+    /// Resolves if the scheduler thread panics: every job it held has had an error event, and
+    /// no new job will run.
+    pub fn failed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.failed.started()
+    }
+
     /// Stops the scheduler thread (after its current step).
     pub fn stop(&self) {
         let _ = self.tx.send(Command::Stop);
@@ -264,10 +272,21 @@ pub fn spawn(
 ) -> std::io::Result<(SchedulerHandle, std::thread::JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel();
     let stats = Arc::new(Stats::default());
-    let handle =
-        SchedulerHandle { tx, stats: Arc::clone(&stats), draining: DrainSignal::new(), config };
-    let join = std::thread::Builder::new()
-        .name("llorch-scheduler".into())
-        .spawn(move || actor::run(model, config, rx, stats))?;
+    let handle = SchedulerHandle {
+        tx,
+        stats: Arc::clone(&stats),
+        draining: DrainSignal::new(),
+        failed: DrainSignal::new(),
+        config,
+    };
+    let failed = handle.failed.clone();
+    let join = std::thread::Builder::new().name("llorch-scheduler".into()).spawn(move || {
+        let run = std::panic::AssertUnwindSafe(|| actor::run(model, config, rx, stats));
+        if let Err(payload) = std::panic::catch_unwind(run) {
+            let message = llorch_common::failpoint::panic_message(payload.as_ref());
+            tracing::error!(panic = message, "the scheduler thread panicked");
+            failed.start();
+        }
+    })?;
     Ok((handle, join))
 }
