@@ -182,7 +182,16 @@ pub async fn start(
     };
     let span = tracing::info_span!("text_completion", otel.name = name, job_id = %request.job_id);
     request_attributes(&span, &request);
-    match open(app, request, ctx, received, span.clone()).instrument(span.clone()).await {
+    // Every upstream call before the stream starts shares the job's time budget: a stalled
+    // tokenizer or engine (e.g. SIGSTOPped) gives TIMEOUT, never a request that hangs.
+    let deadline = received + app.config.request_timeout();
+    let opened = tokio::time::timeout_at(
+        deadline.into(),
+        open(app, request, ctx, received, span.clone()).instrument(span.clone()),
+    )
+    .await
+    .unwrap_or_else(|_| Err(timed_out().into()));
+    match opened {
         Ok((job, events)) => {
             // A panic ends the job's events without a last one, which the streams report as
             // an error; the in-flight permit is released as the job unwinds.
@@ -267,7 +276,14 @@ async fn open(
         app.upstreams.engines.generate(generate),
     )
     .await;
-    let (lease, stream) = called.map_err(|e| GatewayError::from_status("engine", &e))?;
+    // tonic ends a call whose grpc-timeout passed with its own CANCELLED: that is TIMEOUT here.
+    let (lease, stream) = called.map_err(|e| {
+        if Instant::now() >= deadline {
+            timed_out()
+        } else {
+            GatewayError::from_status("engine", &e)
+        }
+    })?;
     app.metrics.prompt_tokens.fetch_add(u64::from(prompt_tokens), Ordering::Relaxed);
 
     let (events, rx) = mpsc::channel(EVENT_BUFFER);
@@ -514,14 +530,19 @@ impl Job {
                 }
             };
             match event {
-                epb::generate_response::Event::Token(t) => match self.token(&t).await {
-                    Ok(None) => {}
-                    Ok(Some(matched)) => {
-                        let reason = StopReason::StopSequence;
-                        return Ending::Finished { reason, matched: Some(matched) };
+                epb::generate_response::Event::Token(t) => {
+                    match tokio::time::timeout_at(self.deadline.into(), self.token(&t))
+                        .await
+                        .unwrap_or_else(|_| Err(Ending::Failed(timed_out())))
+                    {
+                        Ok(None) => {}
+                        Ok(Some(matched)) => {
+                            let reason = StopReason::StopSequence;
+                            return Ending::Finished { reason, matched: Some(matched) };
+                        }
+                        Err(ending) => return ending,
                     }
-                    Err(ending) => return ending,
-                },
+                }
                 epb::generate_response::Event::Finished(f) => {
                     telemetry::grpc_status(&self.generate_span, 0, "");
                     return match stop_reason(&f) {

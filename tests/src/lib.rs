@@ -375,7 +375,8 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
-/// `llorch-engine serve` as a child process, killed on drop.
+/// `llorch-engine serve` (or `llorch-tokenizer serve`) as a child process, killed (and first
+/// continued, should a test have stopped it) on drop.
 pub struct EngineProcess {
     /// The child.
     pub child: std::process::Child,
@@ -415,14 +416,40 @@ impl EngineProcess {
         Ok(Self { child, addr: addr.context("no address logged")? })
     }
 
+    /// `llorch-tokenizer serve` on any port (the GPT-2 tokenizer), as the same kind of child.
+    pub fn spawn_tokenizer() -> anyhow::Result<Self> {
+        let mut child = std::process::Command::new(binary("llorch-tokenizer")?)
+            .args(["--log-format", "json", "serve", "--port", "0", "--model"])
+            .arg(tokenizer_dir())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        let log = llorch_common::child_log::ChildLog::forward(&mut child)?;
+        let wait = Duration::from_secs(30);
+        let not_ready = "the tokenizer stopped logging before it was ready";
+        let listening = log.wait_for("tokenizer service listening", wait).context(not_ready)?;
+        let addr = listening["addr"].as_str().and_then(|a| a.parse().ok());
+        log.wait_for("ready", wait).context(not_ready)?;
+        Ok(Self { child, addr: addr.context("no address logged")? })
+    }
+
     /// `http://addr`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Sends `signal` (`"STOP"`, `"CONT"`, ...) to the process, as `kill -<signal>` does.
+    pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let status = std::process::Command::new("kill")
+            .args([format!("-{signal}"), self.child.id().to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -{signal} failed: {status}");
+        Ok(())
     }
 }
 
 impl Drop for EngineProcess {
     fn drop(&mut self) {
+        let _ = self.signal("CONT");
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
