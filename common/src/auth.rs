@@ -20,8 +20,8 @@ pub struct ApiKeyArgs {
     /// Require `Authorization: Bearer <KEY>` on every request (the gateway: every route but
     /// `--public-paths`; the gRPC services: every call but health checks). Prefer
     /// `--api-key-file` or the variable: a flag's value shows in `ps`.
-    #[arg(long, env = "LLORCH_API_KEY", hide_env_values = true, value_parser = ApiKey::parse)]
-    pub api_key: Option<ApiKey>,
+    #[arg(long, env = "LLORCH_API_KEY", hide_env_values = true)]
+    pub api_key: Option<KeyText>,
     /// A file whose first line is the key (e.g. a mounted secret).
     #[arg(long, env = "LLORCH_API_KEY_FILE", conflicts_with = "api_key")]
     pub api_key_file: Option<PathBuf>,
@@ -30,8 +30,9 @@ pub struct ApiKeyArgs {
 impl ApiKeyArgs {
     /// The key to require: `--api-key`, else the first line of `--api-key-file`, else none.
     pub fn load(&self) -> anyhow::Result<Option<ApiKey>> {
+        // Checked here, not by clap, whose error would print the value.
         if let Some(key) = &self.api_key {
-            return Ok(Some(key.clone()));
+            return ApiKey::parse(&key.0).map(Some).map_err(|e| anyhow::anyhow!("--api-key: {e}"));
         }
         let Some(path) = &self.api_key_file else { return Ok(None) };
         let text = std::fs::read_to_string(path)
@@ -40,6 +41,25 @@ impl ApiKeyArgs {
         ApiKey::parse(line)
             .map(Some)
             .map_err(|e| anyhow::anyhow!("--api-key-file {}: {e}", path.display()))
+    }
+}
+
+/// The `--api-key` value as given, unchecked ([`ApiKeyArgs::load`] checks it, without
+/// printing it). Its `Debug` never shows it.
+#[derive(Clone)]
+pub struct KeyText(pub String);
+
+impl std::str::FromStr for KeyText {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl fmt::Debug for KeyText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KeyText(<redacted>)")
     }
 }
 
@@ -127,6 +147,14 @@ mod tests {
         }
         assert!(ApiKey::parse(&"k".repeat(MAX_KEY_BYTES + 1)).is_err());
         assert_eq!(format!("{:?}", ApiKey::parse("visible").unwrap()), "ApiKey(<redacted>)");
+    }
+
+    #[test]
+    fn a_bad_key_flag_is_refused_without_printing_it() {
+        let args = ApiKeyArgs { api_key: Some(KeyText("sec ret".into())), api_key_file: None };
+        let err = args.load().unwrap_err().to_string();
+        assert!(err.contains("--api-key") && !err.contains("sec ret"), "{err}");
+        assert!(!format!("{args:?}").contains("sec"), "{args:?}");
     }
 
     #[test]

@@ -57,6 +57,8 @@ impl GatewayError {
             Code::ResourceExhausted => ErrorKind::Overloaded,
             Code::Unavailable | Code::Unknown | Code::Aborted => ErrorKind::Unavailable,
             Code::DeadlineExceeded => ErrorKind::Timeout,
+            // tonic's client ends a call that ran past its timeout with this status.
+            Code::Cancelled if status.message() == "Timeout expired" => ErrorKind::Timeout,
             Code::Cancelled => ErrorKind::Cancelled,
             Code::Ok
             | Code::NotFound

@@ -42,7 +42,7 @@ pub async fn execute(
         Err(errors) => return refuse(&app, errors.into()),
     };
     tracing::Span::current().record("job_id", valid.job_id.as_str());
-    let ctx = CallContext::new(correlation.0);
+    let ctx = CallContext::new(correlation.0, app.config.request_timeout());
     match job::start(&app, valid, ctx, received).await {
         Ok(events) => sse::stream(events).into_response(),
         Err(refusal) => refuse(&app, refusal),

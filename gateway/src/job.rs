@@ -466,7 +466,8 @@ impl Job {
             Ending::ClientGone => None,
         };
         if let Some(last) = last {
-            let _ = self.events.send(last).await;
+            // Bounded: a client that stopped reading must not keep the job (and its slot).
+            let _ = tokio::time::timeout(LAST_EVENT_WAIT, self.events.send(last)).await;
         }
         // Counted before the channel closes: a client that read the whole stream sees it.
         self.app.metrics.outcome(outcome);
@@ -621,6 +622,9 @@ async fn next_message(
 fn cancelled() -> GatewayError {
     GatewayError::new(ErrorKind::Cancelled, "the job was cancelled")
 }
+
+/// How long a job waits for room for its last event in the client's stream.
+const LAST_EVENT_WAIT: Duration = Duration::from_secs(10);
 
 fn timed_out() -> GatewayError {
     GatewayError::new(ErrorKind::Timeout, "the job ran out of time")

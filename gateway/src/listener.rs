@@ -22,7 +22,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
@@ -213,14 +213,18 @@ impl HttpBody for GuardedBody {
     }
 }
 
-/// Answers `503` and closes, without reading the request (bounded: a client that does not
-/// read is dropped after a second).
+/// Answers `503` and closes. What the client sent is read and dropped for up to a second
+/// after the answer: closing with unread data would reset the connection, and a reset can
+/// destroy the answer before the client reads it.
 async fn refuse(mut stream: tokio::net::TcpStream) {
-    let write = async {
+    let answer = async {
         stream.write_all(&too_many_connections()).await?;
-        stream.shutdown().await
+        stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        while stream.read(&mut sink).await? > 0 {}
+        std::io::Result::Ok(())
     };
-    let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
 }
 
 #[cfg(test)]

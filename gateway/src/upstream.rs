@@ -75,19 +75,26 @@ pub struct Upstreams {
 pub struct CallContext {
     /// The request's correlation id.
     pub correlation_id: String,
+    /// When the request's time budget ends: every call made for it is bounded by it.
+    pub deadline: Option<std::time::Instant>,
 }
 
 impl CallContext {
-    /// The context of a request with `correlation_id`.
-    pub fn new(correlation_id: String) -> Self {
-        Self { correlation_id }
+    /// The context of a request with `correlation_id` and time `budget` (from now).
+    pub fn new(correlation_id: String, budget: Duration) -> Self {
+        Self { correlation_id, deadline: Some(std::time::Instant::now() + budget) }
     }
 
-    /// Wraps `msg` in a request carrying the context as metadata.
+    /// Wraps `msg` in a request carrying the context as metadata, and the time left as its
+    /// timeout (tonic ends a unary call that runs past it; for a stream it bounds the wait for
+    /// the response to start).
     pub fn request<T>(&self, msg: T) -> tonic::Request<T> {
         let mut req = tonic::Request::new(msg);
         if let Ok(v) = self.correlation_id.parse() {
             req.metadata_mut().insert("x-correlation-id", v);
+        }
+        if let Some(deadline) = self.deadline {
+            req.set_timeout(deadline.saturating_duration_since(std::time::Instant::now()));
         }
         req
     }

@@ -3,7 +3,7 @@
 //! sends it on its own gRPC calls; the gRPC services refuse calls without it (UNAUTHENTICATED)
 //! except health checks.
 
-use llorch_common::auth::{ApiKey, ApiKeyArgs};
+use llorch_common::auth::{ApiKeyArgs, KeyText};
 use llorch_e2e::{SseReader, Stack};
 use llorch_proto::engine::v1::InfoRequest;
 use llorch_proto::engine::v1::engine_client::EngineClient;
@@ -15,7 +15,7 @@ use tonic::Code;
 const KEY: &str = "test-key-0123456789";
 
 fn keyed() -> ApiKeyArgs {
-    ApiKeyArgs { api_key: Some(ApiKey::parse(KEY).unwrap()), api_key_file: None }
+    ApiKeyArgs { api_key: Some(KeyText(KEY.to_owned())), api_key_file: None }
 }
 
 async fn keyed_stack() -> Stack {

@@ -78,7 +78,7 @@ async fn stalled_upstream_times_out(stop_engine: bool) {
     frozen.signal("STOP").unwrap();
     let (ended, longest) = run_all(&gateway, "stalled").await;
     // Each within its budget (plus scheduling slack), each a clear timeout in its own shape.
-    assert!(longest < Duration::from_secs_f64(TIMEOUT_SECS + 1.5), "took {longest:?}");
+    assert!(longest < Duration::from_secs_f64(TIMEOUT_SECS + 3.0), "took {longest:?}");
     // (Once the gateway's prober has found a frozen engine unresponsive, it refuses at once
     // with 503, which is as clear.)
     let clear = |e: &String| e.eq_ignore_ascii_case("504 timeout") || e.starts_with("503 ");
@@ -87,16 +87,24 @@ async fn stalled_upstream_times_out(stop_engine: bool) {
     // The gateway itself serves meanwhile (its health says what is wrong, quickly).
     let started = Instant::now();
     let health = reqwest::get(format!("{}/health", gateway.url())).await.unwrap();
-    assert!(started.elapsed() < Duration::from_secs(4), "health took {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(6), "health took {:?}", started.elapsed());
     assert_eq!(health.status(), 503);
 
     frozen.signal("CONT").unwrap();
     llorch_e2e::wait_http_ok(&format!("{}/health", gateway.url())).await.unwrap();
     let (ended, _) = run_all(&gateway, "after").await;
     assert_eq!(ended, ["end", "end", "end"]);
-    let metrics = reqwest::get(format!("{}/metrics", gateway.url())).await.unwrap();
-    let text = metrics.text().await.unwrap();
-    assert!(text.contains("llorch_in_flight_requests 0"), "{text}");
+    // Every slot given back (a job releases its slot just after its last event).
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = reqwest::get(format!("{}/metrics", gateway.url())).await.unwrap();
+        let text = metrics.text().await.unwrap();
+        if text.contains("llorch_in_flight_requests 0") {
+            break;
+        }
+        assert!(Instant::now() < until, "{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     gateway.stop().await.unwrap();
 }
 

@@ -115,7 +115,7 @@ async fn start(
         (Prompt::Text(text), true) => Some(text.clone()),
         (_, _) => None,
     };
-    let ctx = CallContext::new(correlation.0);
+    let ctx = CallContext::new(correlation.0, app.config.request_timeout());
     let answer = Answer {
         head,
         echo,

@@ -76,7 +76,7 @@ pub async fn tokenize(
             .upstreams
             .tokenizer
             .clone()
-            .encode(CallContext::new(correlation.0).request(msg))
+            .encode(CallContext::new(correlation.0, app.config.request_timeout()).request(msg))
             .await
             .map_err(|e| GatewayError::from_status("tokenizer", &e))?
             .into_inner()
@@ -100,7 +100,7 @@ pub async fn detokenize(
             .upstreams
             .tokenizer
             .clone()
-            .decode(CallContext::new(correlation.0).request(msg))
+            .decode(CallContext::new(correlation.0, app.config.request_timeout()).request(msg))
             .await
             .map_err(|e| {
                 let mut e = OpenAiError::from(GatewayError::from_status("tokenizer", &e));

@@ -487,8 +487,6 @@ impl Scheduler {
     }
 }
 
-/// The end of a `Generate` span: usage, finish reason and latencies after the OpenTelemetry
-/// GenAI conventions; a cancelled or timed-out stream marks the span failed.
 /// A panic on this thread unwinds through here: every job still held gets an error event
 /// (so that no stream waits for a token that will not come) before its channel closes, and
 /// [`super::spawn`]'s guard then reports the scheduler failed.
@@ -506,6 +504,8 @@ impl Drop for Scheduler {
     }
 }
 
+/// The end of a `Generate` span: usage, finish reason and latencies after the OpenTelemetry
+/// GenAI conventions; a cancelled or timed-out stream marks the span failed.
 fn finish_attributes(span: &tracing::Span, reason: FinishReason, generated: usize, t: &Timings) {
     if !telemetry::enabled() {
         return;
