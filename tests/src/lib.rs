@@ -392,41 +392,39 @@ impl EngineProcess {
 
     /// [`EngineProcess::spawn`] with the variables `env` set (e.g. `LLORCH_FAILPOINTS`).
     pub fn spawn_with_env(port: u16, model: &Path, env: &[(&str, &str)]) -> anyhow::Result<Self> {
-        let mut child = std::process::Command::new(engine_binary()?)
-            .envs(env.iter().copied())
-            .args([
-                "--log-format",
-                "json",
-                "serve",
-                "--threads",
-                "1",
-                "--port",
-                &port.to_string(),
-                "--model",
-            ])
-            .arg(model)
-            .stderr(std::process::Stdio::piped())
-            .spawn()?;
-        let log = llorch_common::child_log::ChildLog::forward(&mut child)?;
-        let wait = Duration::from_secs(30);
-        let not_ready = "the engine stopped logging before it was ready";
-        let listening = log.wait_for("engine service listening", wait).context(not_ready)?;
-        let addr = listening["addr"].as_str().and_then(|a| a.parse().ok());
-        log.wait_for("ready", wait).context(not_ready)?;
-        Ok(Self { child, addr: addr.context("no address logged")? })
+        let mut command = std::process::Command::new(engine_binary()?);
+        command.envs(env.iter().copied()).args([
+            "--log-format",
+            "json",
+            "serve",
+            "--threads",
+            "1",
+            "--port",
+            &port.to_string(),
+            "--model",
+        ]);
+        command.arg(model);
+        Self::start(command, "engine")
     }
 
     /// `llorch-tokenizer serve` on any port (the GPT-2 tokenizer), as the same kind of child.
     pub fn spawn_tokenizer() -> anyhow::Result<Self> {
-        let mut child = std::process::Command::new(binary("llorch-tokenizer")?)
-            .args(["--log-format", "json", "serve", "--port", "0", "--model"])
-            .arg(tokenizer_dir())
-            .stderr(std::process::Stdio::piped())
-            .spawn()?;
+        let mut command = std::process::Command::new(binary("llorch-tokenizer")?);
+        command.args(["--log-format", "json", "serve", "--port", "0", "--model"]);
+        command.arg(tokenizer_dir());
+        Self::start(command, "tokenizer")
+    }
+
+    /// Runs `command` (a `serve` with JSON logs) and waits until the `service` logs that it
+    /// listens and is ready.
+    fn start(mut command: std::process::Command, service: &str) -> anyhow::Result<Self> {
+        let mut child = command.stderr(std::process::Stdio::piped()).spawn()?;
         let log = llorch_common::child_log::ChildLog::forward(&mut child)?;
         let wait = Duration::from_secs(30);
-        let not_ready = "the tokenizer stopped logging before it was ready";
-        let listening = log.wait_for("tokenizer service listening", wait).context(not_ready)?;
+        let not_ready = format!("the {service} stopped logging before it was ready");
+        let listening = log
+            .wait_for(&format!("{service} service listening"), wait)
+            .context(not_ready.clone())?;
         let addr = listening["addr"].as_str().and_then(|a| a.parse().ok());
         log.wait_for("ready", wait).context(not_ready)?;
         Ok(Self { child, addr: addr.context("no address logged")? })
