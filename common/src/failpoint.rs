@@ -14,6 +14,18 @@ use std::sync::{Mutex, OnceLock};
 /// The environment variable read at the first hit.
 pub const ENV: &str = "LLORCH_FAILPOINTS";
 
+/// Every failpoint there is (a name not here is refused, so a misspelling cannot pass
+/// silently); `test.*` names are free for this module's own tests.
+pub const NAMES: [&str; 7] = [
+    "engine.generate",
+    "engine.scheduler",
+    "gateway.execute",
+    "gateway.completions",
+    "gateway.job",
+    "tokenizer.encode",
+    "tokenizer.decode_stream",
+];
+
 /// Whether any failpoint is configured (false: every hit returns at once).
 static ANY: AtomicBool = AtomicBool::new(false);
 /// What reading the environment gave.
@@ -72,7 +84,11 @@ pub fn configure(spec: &str) -> Result<(), String> {
             ),
             None => return Err(format!("{item:?}: the only action is panic (or panic*N)")),
         };
-        parsed.insert(name.trim().to_owned(), count);
+        let name = name.trim();
+        if !NAMES.contains(&name) && !name.starts_with("test.") {
+            return Err(format!("{item:?}: no failpoint is named {name:?} (there are {NAMES:?})"));
+        }
+        parsed.insert(name.to_owned(), count);
     }
     let mut points = POINTS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     for (name, count) in parsed {
@@ -109,7 +125,8 @@ mod tests {
 
     #[test]
     fn bad_specs_are_refused_with_the_item() {
-        for bad in ["x", "x=crash", "x=panic*", "x=panic*two"] {
+        for bad in ["x", "test.x=crash", "test.x=panic*", "test.x=panic*two", "engine.genrate=panic"]
+        {
             let err = configure(bad).unwrap_err();
             assert!(err.contains(bad.split('=').next().unwrap()), "{bad}: {err}");
         }
