@@ -100,13 +100,18 @@ pub async fn serve(
     listener: TcpListener,
     health: &Health,
     routes: Routes,
-    key: Option<ApiKey>,
+    access: Access,
     lifecycle: impl Future<Output = anyhow::Result<()>>,
     grace: Duration,
 ) -> anyhow::Result<()> {
     let drain = DrainSignal::new();
     let (reflection_v1, reflection_v1alpha) = reflection(health.service)?;
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &access.tls {
+        builder = builder.tls_config(tls.tonic())?;
+    }
+    let key = access.key;
+    let server = builder
         .layer(
             TraceLayer::new_for_grpc()
                 .make_span_with(server_span)
@@ -135,6 +140,23 @@ pub async fn serve(
     };
     let (life, ()) = tokio::try_join!(lifecycle, server)?;
     life
+}
+
+/// Who may call a server, and how they connect: the API key it requires ([`GuardLayer`]) and
+/// its TLS identity, each optional.
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    /// Required on every call but health checks, when set.
+    pub key: Option<ApiKey>,
+    /// TLS only, when set.
+    pub tls: Option<crate::tls::ServerTls>,
+}
+
+impl Access {
+    /// Reads and checks the key and certificate flags.
+    pub fn load(key: &crate::auth::ApiKeyArgs, tls: &crate::tls::TlsArgs) -> anyhow::Result<Self> {
+        Ok(Self { key: key.load()?, tls: tls.load()? })
+    }
 }
 
 /// What a call whose handler panicked answers: `INTERNAL` (trailers-only, as any gRPC error

@@ -12,3 +12,4 @@ pub mod logging;
 pub mod probe;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;

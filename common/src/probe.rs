@@ -21,12 +21,31 @@ pub struct ProbeArgs {
     /// Seconds the whole check may take (connecting included).
     #[arg(long, default_value_t = 3.0)]
     pub timeout_secs: f64,
+    /// For a service that runs TLS: the PEM certificate authority its certificate chains to.
+    /// The default URL then is `https://localhost:<port>` (the certificate must name
+    /// `localhost`; else give `--url`).
+    #[arg(long, env = "LLORCH_PROBE_CA_CERT")]
+    pub ca_cert: Option<std::path::PathBuf>,
 }
 
 impl ProbeArgs {
-    /// `--url`, or the local service on `port`.
+    /// `--url`, or the local service on `port` (over TLS with `--ca-cert`).
     pub fn url(&self, port: u16) -> String {
-        self.url.clone().unwrap_or_else(|| format!("http://127.0.0.1:{port}"))
+        self.url.clone().unwrap_or_else(|| match self.ca_cert {
+            Some(_) => format!("https://localhost:{port}"),
+            None => format!("http://127.0.0.1:{port}"),
+        })
+    }
+
+    /// The CA of `--ca-cert`, read and checked.
+    pub fn ca(&self) -> Result<Option<crate::tls::ClientCa>, String> {
+        self.ca_cert
+            .as_deref()
+            .map(|p| {
+                crate::tls::ClientCa::from_file(p)
+                    .map_err(|e| format!("{:#}", e).replace("--upstream-ca", "--ca-cert"))
+            })
+            .transpose()
     }
 
     /// `--timeout-secs` as a duration (at least 1 ms; a bad value must not mean "forever").
@@ -39,11 +58,22 @@ impl ProbeArgs {
 
 /// Asks `grpc.health.v1.Health/Check` at `url` about `service` (its full name: readiness,
 /// NOT_SERVING while loading or draining).
-pub async fn grpc_health(url: &str, service: &str, timeout: Duration) -> Result<String, String> {
-    let endpoint = Endpoint::from_shared(url.to_owned())
+/// With `ca`, an `https://` URL is checked against it.
+pub async fn grpc_health(
+    url: &str,
+    service: &str,
+    timeout: Duration,
+    ca: Option<&crate::tls::ClientCa>,
+) -> Result<String, String> {
+    let mut endpoint = Endpoint::from_shared(url.to_owned())
         .map_err(|e| format!("--url {url:?} is not a valid URL: {e}"))?
         .connect_timeout(timeout)
         .timeout(timeout);
+    if let Some(ca) = ca {
+        let host = endpoint.uri().host().unwrap_or_default().trim_matches(['[', ']']).to_owned();
+        endpoint =
+            endpoint.tls_config(ca.tonic(&host)).map_err(|e| format!("TLS: {}", chain(&e)))?;
+    }
     let check = async {
         let channel = endpoint
             .connect()

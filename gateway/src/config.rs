@@ -4,6 +4,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use llorch_common::auth::ApiKeyArgs;
+use llorch_common::tls::TlsArgs;
 
 // Each default once: clap shows it in `--help`, `GatewayConfig::new` starts from it.
 const DEFAULT_WORKER_ID: &str = "llorch-worker-0";
@@ -111,6 +112,13 @@ pub struct GatewayConfig {
         default_value = DEFAULT_PUBLIC_PATHS
     )]
     pub public_paths: Vec<String>,
+    /// TLS on the gateway's own port (HTTPS; plain HTTP is then refused).
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    /// PEM file of the certificate authorities that `https://` upstream URLs
+    /// (`--tokenizer-url`, `--engine-url`) must chain to; needed for those URLs.
+    #[arg(long, env = "LLORCH_UPSTREAM_CA")]
+    pub upstream_ca: Option<std::path::PathBuf>,
 }
 
 /// An `http://` or `https://` URL with a host; clap prints the flag and the value with the
@@ -153,7 +161,16 @@ impl GatewayConfig {
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             auth: ApiKeyArgs::default(),
             public_paths: DEFAULT_PUBLIC_PATHS.split(',').map(str::to_owned).collect(),
+            tls: TlsArgs::default(),
+            upstream_ca: None,
         }
+    }
+
+    /// The key and CA for calls to the upstreams (files read and checked).
+    pub fn credentials(&self) -> anyhow::Result<crate::upstream::Credentials> {
+        let ca =
+            self.upstream_ca.as_deref().map(llorch_common::tls::ClientCa::from_file).transpose()?;
+        Ok(crate::upstream::Credentials { key: self.auth.load()?, ca })
     }
 
     /// The listener's limits.

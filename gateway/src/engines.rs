@@ -7,7 +7,7 @@
 //! [`EngineLease`] is held by the job): a load balancer that counts requests only until their
 //! response headers (tower's p2c) sees a minutes-long stream as finished at its first byte.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -20,9 +20,7 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-use llorch_common::auth::ApiKey;
-
-use crate::upstream::{Engine, Traced, channel};
+use crate::upstream::{Credentials, Engine, Traced, channel};
 
 /// How often each replica's readiness is asked.
 pub const PROBE_EVERY: Duration = Duration::from_millis(500);
@@ -115,7 +113,7 @@ struct Source {
 }
 
 impl Source {
-    fn parse(url: &str) -> anyhow::Result<Self> {
+    fn parse(url: &str, creds: &Credentials) -> anyhow::Result<Self> {
         let uri: tonic::transport::Uri =
             url.parse().map_err(|e| anyhow::anyhow!("--engine-url {url:?} is not a URL: {e}"))?;
         let scheme = uri.scheme_str().unwrap_or("http").to_owned();
@@ -128,7 +126,7 @@ impl Source {
         let port = uri.port_u16().unwrap_or(if scheme == "https" { 443 } else { 80 });
         let literal = host.parse::<IpAddr>().is_ok();
         // The channel is built here once so that a bad URL fails at start, naming the flag.
-        channel(url, None).map_err(|e| anyhow::anyhow!("--engine-url {url:?}: {e}"))?;
+        channel(url, None, creds).map_err(|e| anyhow::anyhow!("--engine-url {url:?}: {e}"))?;
         Ok(Self { url: url.to_owned(), scheme, host, port, literal })
     }
 
@@ -157,8 +155,8 @@ impl Source {
 #[derive(Debug)]
 struct Pool {
     sources: Vec<Source>,
-    /// What every call carries.
-    key: Option<ApiKey>,
+    /// What every call carries (and what TLS trusts).
+    creds: Credentials,
     replicas: Mutex<Vec<Arc<Replica>>>,
     /// Rotates the choice among equally loaded replicas.
     turn: AtomicUsize,
@@ -183,16 +181,18 @@ pub struct ReplicaCount {
 impl Engines {
     /// The replicas of `urls`. Nothing connects until the first probe; call [`Engines::start`]
     /// (inside a runtime) to begin resolving and probing.
-    /// Every call to them carries `key`, when given.
-    pub fn new(urls: &[String], key: Option<&ApiKey>) -> anyhow::Result<Self> {
+    /// Every call to them carries the key, when given; `https://` URLs speak TLS.
+    pub fn new(urls: &[String], creds: &Credentials) -> anyhow::Result<Self> {
         anyhow::ensure!(!urls.is_empty(), "--engine-url: at least one engine is needed");
-        let sources = urls.iter().map(|u| Source::parse(u)).collect::<anyhow::Result<Vec<_>>>()?;
-        let key = key.cloned();
+        let sources =
+            urls.iter().map(|u| Source::parse(u, creds)).collect::<anyhow::Result<Vec<_>>>()?;
         let replicas = sources
             .iter()
-            .map(|s| new_replica(&s.url, key.as_ref()))
+            .map(|s| new_replica(&s.url, &s.host, creds))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let pool = Pool { sources, key, replicas: Mutex::new(replicas), turn: AtomicUsize::new(0) };
+        let creds = creds.clone();
+        let pool =
+            Pool { sources, creds, replicas: Mutex::new(replicas), turn: AtomicUsize::new(0) };
         Ok(Self { pool: Arc::new(pool) })
     }
 
@@ -280,8 +280,9 @@ impl Engines {
     }
 }
 
-fn new_replica(url: &str, key: Option<&ApiKey>) -> anyhow::Result<Arc<Replica>> {
-    let channel = channel(url, key)?;
+/// The replica at `url`, whose certificate (over TLS) must name `host`.
+fn new_replica(url: &str, host: &str, creds: &Credentials) -> anyhow::Result<Arc<Replica>> {
+    let channel = channel(url, Some(host), creds)?;
     let client = EngineClient::new(channel.clone()).max_decoding_message_size(16 << 20);
     Ok(Arc::new(Replica {
         url: url.to_owned(),
@@ -296,8 +297,12 @@ fn new_replica(url: &str, key: Option<&ApiKey>) -> anyhow::Result<Arc<Replica>> 
 async fn refresh(pool: &Pool, resolve: bool) {
     if resolve {
         let mut urls = Vec::new();
+        let mut hosts = HashMap::new();
         for source in &pool.sources {
-            urls.extend(source.resolve().await);
+            for url in source.resolve().await {
+                hosts.insert(url.clone(), source.host.clone());
+                urls.push(url);
+            }
         }
         let wanted: HashSet<&String> = urls.iter().collect();
         let mut replicas = pool.replicas.lock().unwrap_or_else(|e| e.into_inner());
@@ -307,7 +312,7 @@ async fn refresh(pool: &Pool, resolve: bool) {
         replicas.retain(|r| wanted.contains(&r.url));
         let known: HashSet<String> = replicas.iter().map(|r| r.url.clone()).collect();
         for url in urls.iter().filter(|u| !known.contains(*u)) {
-            match new_replica(url, pool.key.as_ref()) {
+            match new_replica(url, &hosts[url], &pool.creds) {
                 Ok(r) => replicas.push(r),
                 Err(e) => tracing::warn!(url, error = %e, "cannot make a client for the replica"),
             }
@@ -341,17 +346,21 @@ mod tests {
 
     #[tokio::test]
     async fn a_bad_url_names_the_flag_and_the_value() {
-        let err = Engines::new(&["not a url".to_owned()], None).unwrap_err().to_string();
+        let err = Engines::new(&["not a url".to_owned()], &Credentials::default())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("--engine-url") && err.contains("not a url"), "{err}");
-        let err = Engines::new(&[], None).unwrap_err().to_string();
+        let err = Engines::new(&[], &Credentials::default()).unwrap_err().to_string();
         assert!(err.contains("--engine-url"), "{err}");
     }
 
     #[tokio::test]
     async fn ip_urls_are_their_own_replica_and_names_resolve_to_each_address() {
-        let engines =
-            Engines::new(&["http://127.0.0.1:1".to_owned(), "http://localhost:2".to_owned()], None)
-                .unwrap();
+        let engines = Engines::new(
+            &["http://127.0.0.1:1".to_owned(), "http://localhost:2".to_owned()],
+            &Credentials::default(),
+        )
+        .unwrap();
         refresh(&engines.pool, true).await;
         let urls: Vec<String> = engines.replicas().iter().map(|r| r.url.clone()).collect();
         assert!(urls.contains(&"http://127.0.0.1:1".to_owned()), "{urls:?}");
@@ -367,7 +376,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_lease_counts_until_dropped() {
-        let replica = new_replica("http://127.0.0.1:1", None).unwrap();
+        let replica =
+            new_replica("http://127.0.0.1:1", "127.0.0.1", &Credentials::default()).unwrap();
         let a = EngineLease::new(Arc::clone(&replica));
         let b = EngineLease::new(Arc::clone(&replica));
         assert_eq!(replica.in_flight(), 2);

@@ -7,6 +7,10 @@
 //! * the body must keep coming: a gap over `--body-read-timeout-secs` ends the request (the
 //!   router's `RequestBodyTimeoutLayer`).
 //!
+//! With TLS (`--tls-cert`), the handshake must also finish within `--header-read-timeout-secs`,
+//! and a connection over the limit is closed without an answer (a plain-text `503` would be
+//! noise to a TLS client).
+//!
 //! Graceful: once `drain` fires it stops accepting, and open connections finish the requests
 //! they have (streams included) before closing.
 
@@ -50,13 +54,16 @@ fn too_many_connections() -> Vec<u8> {
 }
 
 /// Serves `app` on `listener` until `drain` resolves, then waits for the open connections'
-/// requests to end. (The caller bounds that wait: see `llorch_common::shutdown`.)
+/// requests to end. (The caller bounds that wait: see `llorch_common::shutdown`.) With `tls`,
+/// every connection must speak TLS.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: Limits,
+    tls: Option<Arc<rustls::ServerConfig>>,
     drain: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
+    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
     // HTTP/1.1 only: what the worker API's and OpenAI's clients speak. (Detecting HTTP/2 would
     // wait for its 24-byte preface with no timeout: a client sending "PRI" and nothing more
     // would hold its connection for ever.)
@@ -85,7 +92,9 @@ pub async fn serve(
         };
         let Ok(permit) = Arc::clone(&open).try_acquire_owned() else {
             tracing::warn!(%peer, limit = limits.max_connections, "connection refused: too many open");
-            tokio::spawn(refuse(stream));
+            if tls.is_none() {
+                tokio::spawn(refuse(stream));
+            }
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -97,31 +106,16 @@ pub async fn serve(
         let builder = Arc::clone(&builder);
         let watcher = graceful.watcher();
         let idle = limits.header_read_timeout;
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            let conn = watcher.watch(conn.into_owned());
-            tokio::pin!(conn);
-            // hyper times out a request head only once its first byte has come: a connection
-            // that sends nothing (before its first request or between two) is closed here when
-            // a whole `idle` period passes with no request started and none running.
-            let mut seen = 0;
-            loop {
-                tokio::select! {
-                    ended = &mut conn => {
-                        if let Err(e) = ended {
-                            tracing::debug!(%peer, error = %e, "connection ended with an error");
-                        }
-                        break;
-                    }
-                    () = tokio::time::sleep(idle) => {
-                        let started = activity.started.load(Ordering::SeqCst);
-                        if started == seen && activity.running.load(Ordering::SeqCst) == 0 {
-                            tracing::debug!(%peer, "idle connection closed");
-                            break;
-                        }
-                        seen = started;
-                    }
-                }
+            let conn = Conn { builder, watcher, service, activity, idle, peer };
+            match tls {
+                None => conn.serve(stream).await,
+                Some(tls) => match tokio::time::timeout(idle, tls.accept(stream)).await {
+                    Ok(Ok(stream)) => conn.serve(stream).await,
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake not done in time; closed"),
+                },
             }
             drop(permit);
         });
@@ -129,6 +123,52 @@ pub async fn serve(
     drop(listener);
     graceful.shutdown().await;
     Ok(())
+}
+
+/// One accepted connection, ready to serve.
+struct Conn {
+    builder: Arc<Builder<TokioExecutor>>,
+    watcher: hyper_util::server::graceful::Watcher,
+    service: TowerToHyperService<Tracked>,
+    activity: Arc<Activity>,
+    idle: Duration,
+    peer: std::net::SocketAddr,
+}
+
+impl Conn {
+    /// Serves the connection's requests over `io` (TCP, or TLS over it) until it closes, or a
+    /// whole `idle` period passes with no request started and none running.
+    async fn serve<IO>(self, io: IO)
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let Self { builder, watcher, service, activity, idle, peer } = self;
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+        let conn = watcher.watch(conn.into_owned());
+        tokio::pin!(conn);
+        // hyper times out a request head only once its first byte has come: a connection
+        // that sends nothing (before its first request or between two) is closed here when
+        // a whole `idle` period passes with no request started and none running.
+        let mut seen = 0;
+        loop {
+            tokio::select! {
+                ended = &mut conn => {
+                    if let Err(e) = ended {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                    break;
+                }
+                () = tokio::time::sleep(idle) => {
+                    let started = activity.started.load(Ordering::SeqCst);
+                    if started == seen && activity.running.load(Ordering::SeqCst) == 0 {
+                        tracing::debug!(%peer, "idle connection closed");
+                        break;
+                    }
+                    seen = started;
+                }
+            }
+        }
+    }
 }
 
 /// What one connection is doing: requests started, and requests whose response (body

@@ -46,8 +46,12 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = match cli.command {
         Some(Command::Health { probe: args, port }) => {
-            let url = args.url.clone().unwrap_or_else(|| format!("http://127.0.0.1:{port}"));
-            probe::exit_with(http_health(&url, args.timeout()).await)
+            let url = args.url(port);
+            let result = match args.ca() {
+                Ok(ca) => http_health(&url, args.timeout(), ca.as_ref()).await,
+                Err(e) => Err(e),
+            };
+            probe::exit_with(result)
         }
         Some(Command::Serve { config }) => *config,
         None => cli.config,
@@ -61,13 +65,21 @@ async fn main() -> anyhow::Result<()> {
     llorch_gateway::server::run(config, listener, llorch_common::shutdown::signal()).await
 }
 
-/// `GET <url>/health`: `Ok` with the status line when it answers 200.
-async fn http_health(url: &str, timeout: Duration) -> Result<String, String> {
+/// `GET <url>/health`: `Ok` with the status line when it answers 200. With `ca`, an
+/// `https://` URL is checked against it.
+async fn http_health(
+    url: &str,
+    timeout: Duration,
+    ca: Option<&llorch_common::tls::ClientCa>,
+) -> Result<String, String> {
     let health = format!("{}/health", url.trim_end_matches('/'));
-    let client = reqwest::Client::builder()
-        .timeout(timeout)
-        .build()
-        .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+    let mut client = reqwest::Client::builder().timeout(timeout);
+    if let Some(ca) = ca {
+        let root = reqwest::Certificate::from_pem(ca.pem())
+            .map_err(|e| format!("--ca-cert: {}", probe::chain(&e)))?;
+        client = client.tls_built_in_root_certs(false).add_root_certificate(root);
+    }
+    let client = client.build().map_err(|e| format!("cannot build the HTTP client: {e}"))?;
     let resp = client
         .get(&health)
         .send()

@@ -230,15 +230,17 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
-    let key = config.auth.load()?;
-    let upstreams =
-        Upstreams::connect_lazy(&config.tokenizer_url, &config.engine_urls, key.as_ref())?;
+    let creds = config.credentials()?;
+    let tls = config.tls.load()?;
+    let upstreams = Upstreams::connect_lazy(&config.tokenizer_url, &config.engine_urls, &creds)?;
     upstreams.engines.start().await;
-    let state = Arc::new(AppState::new(config.clone(), upstreams, key));
+    let state = Arc::new(AppState::new(config.clone(), upstreams, creds.key));
     let app = router(Arc::clone(&state));
     let drain = llorch_common::shutdown::DrainSignal::new();
-    let server = crate::listener::serve(listener, app, config.listener_limits(), drain.started());
-    tracing::info!(%addr, tokenizer = %config.tokenizer_url, engines = ?config.engine_urls, "gateway listening");
+    let tls = tls.map(|t| t.rustls_config(&[b"http/1.1"])).transpose()?;
+    let server =
+        crate::listener::serve(listener, app, config.listener_limits(), tls, drain.started());
+    tracing::info!(%addr, tls = config.tls.tls_cert.is_some(), tokenizer = %config.tokenizer_url, engines = ?config.engine_urls, "gateway listening");
 
     // Empty counts as unset (a compose file passes `LLORCH_PUBLIC_URL=` when none is given).
     let uri = config

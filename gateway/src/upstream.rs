@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use llorch_common::auth::ApiKey;
 use llorch_common::telemetry::TracePropagation;
+use llorch_common::tls::ClientCa;
 use llorch_proto::engine::v1::InfoResponse as EngineInfo;
 use llorch_proto::engine::v1::engine_client::EngineClient;
 use llorch_proto::tokenizer::v1::InfoRequest as TokenizerInfoRequest;
@@ -100,32 +101,52 @@ impl CallContext {
     }
 }
 
+/// What the gateway's calls to its upstreams need beyond their URLs.
+#[derive(Debug, Clone, Default)]
+pub struct Credentials {
+    /// The API key every call carries.
+    pub key: Option<ApiKey>,
+    /// The authorities an `https://` upstream's certificate must chain to (`--upstream-ca`).
+    pub ca: Option<ClientCa>,
+}
+
 /// The channel to `url`, connecting lazily and reconnecting by itself, whose calls carry the
-/// trace context. Every gRPC client of the gateway (the tokenizer, each engine replica and its
-/// readiness probe) is built on one of these.
-pub fn channel(url: &str, key: Option<&ApiKey>) -> anyhow::Result<Traced> {
-    let channel = Endpoint::from_shared(url.to_owned())?
+/// trace context and the key. Every gRPC client of the gateway (the tokenizer, each engine
+/// replica and its readiness probe) is built on one of these. An `https://` URL speaks TLS and
+/// checks the server's certificate for `tls_host` (default: the URL's host; a replica resolved
+/// to an address is checked for the name it was resolved from).
+pub fn channel(url: &str, tls_host: Option<&str>, creds: &Credentials) -> anyhow::Result<Traced> {
+    let mut endpoint = Endpoint::from_shared(url.to_owned())?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .connect_lazy();
-    Ok(InterceptedService::new(channel, Outbound::new(key)))
+        .http2_keep_alive_interval(Duration::from_secs(30));
+    if endpoint.uri().scheme_str() == Some("https") {
+        let ca = creds.ca.as_ref().ok_or_else(|| {
+            anyhow::anyhow!("an https:// upstream needs --upstream-ca (the authority that signed its certificate)")
+        })?;
+        let host = match tls_host {
+            Some(h) => h.to_owned(),
+            None => endpoint.uri().host().unwrap_or_default().trim_matches(['[', ']']).to_owned(),
+        };
+        endpoint = endpoint.tls_config(ca.tonic(&host))?;
+    }
+    Ok(InterceptedService::new(endpoint.connect_lazy(), Outbound::new(creds.key.as_ref())))
 }
 
 impl Upstreams {
     /// Clients for the tokenizer URL and the engine replicas' URLs; nothing connects until the
     /// first call or probe. Call [`Engines::start`] on `engines` to begin probing them.
-    /// Every call carries `key`, when given.
+    /// Every call carries the key, when given; `https://` URLs are checked against the CA.
     pub fn connect_lazy(
         tokenizer_url: &str,
         engine_urls: &[String],
-        key: Option<&ApiKey>,
+        creds: &Credentials,
     ) -> anyhow::Result<Self> {
         let tokenizer = TokenizerClient::new(
-            channel(tokenizer_url, key)
+            channel(tokenizer_url, None, creds)
                 .map_err(|e| anyhow::anyhow!("--tokenizer-url {tokenizer_url:?}: {e}"))?,
         );
-        let engines = Engines::new(engine_urls, key)?;
+        let engines = Engines::new(engine_urls, creds)?;
         Ok(Self { tokenizer, engines })
     }
 

@@ -124,6 +124,7 @@ pub async fn start_tokenizer(
         limits: llorch_tokenizer::Limits::default(),
         grace_secs: 5.0,
         auth: Default::default(),
+        tls: Default::default(),
     };
     tweak(&mut config);
     Service::spawn(move |listener, shutdown| {

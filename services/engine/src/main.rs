@@ -305,7 +305,9 @@ fn health(command: Command) -> ! {
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))
         .and_then(|rt| {
-            rt.block_on(probe::grpc_health(&url, llorch_proto::ENGINE_SERVICE, args.timeout()))
+            let ca = args.ca()?;
+            let service = llorch_proto::ENGINE_SERVICE;
+            rt.block_on(probe::grpc_health(&url, service, args.timeout(), ca.as_ref()))
         });
     probe::exit_with(result)
 }

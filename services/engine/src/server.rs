@@ -104,6 +104,8 @@ pub struct ServeConfig {
     pub weights: WeightFormat,
     #[command(flatten)]
     pub auth: llorch_common::auth::ApiKeyArgs,
+    #[command(flatten)]
+    pub tls: llorch_common::tls::TlsArgs,
 }
 
 impl ServeConfig {
@@ -124,6 +126,7 @@ impl ServeConfig {
             max_message_bytes: defaults::MAX_MESSAGE_BYTES,
             weights: WeightFormat::Stored,
             auth: llorch_common::auth::ApiKeyArgs::default(),
+            tls: llorch_common::tls::TlsArgs::default(),
         }
     }
 
@@ -346,7 +349,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.check()?;
-    let key = config.auth.load()?;
+    let access = grpc::Access::load(&config.auth, &config.tls)?;
+    let tls = access.tls.is_some();
     let addr = listener.local_addr()?;
     let health = Health::new(llorch_proto::ENGINE_SERVICE).await;
     let service = EngineService {
@@ -356,7 +360,7 @@ pub async fn run(
     let engine_server = EngineServer::new(service.clone())
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
-    tracing::info!(%addr, model = %config.model.display(), "engine service listening");
+    tracing::info!(%addr, tls, model = %config.model.display(), "engine service listening");
 
     let lifecycle = async {
         let started = Instant::now();
@@ -417,7 +421,7 @@ pub async fn run(
     // Streams are drained (or cancelled) before the server is told to stop; its short grace
     // only covers clients that keep idle connections open.
     let grace = Duration::from_secs(5);
-    grpc::serve(listener, &health, Routes::new(engine_server), key, lifecycle, grace).await?;
+    grpc::serve(listener, &health, Routes::new(engine_server), access, lifecycle, grace).await?;
     tracing::info!("engine service stopped");
     Ok(())
 }

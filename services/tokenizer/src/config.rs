@@ -24,6 +24,8 @@ pub struct ServeConfig {
     pub grace_secs: f64,
     #[command(flatten)]
     pub auth: llorch_common::auth::ApiKeyArgs,
+    #[command(flatten)]
+    pub tls: llorch_common::tls::TlsArgs,
 }
 
 impl ServeConfig {

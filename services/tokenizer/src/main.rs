@@ -71,9 +71,12 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if let Command::Health { probe: args, port } = &cli.command {
         let url = args.url(*port);
-        probe::exit_with(
-            probe::grpc_health(&url, llorch_proto::TOKENIZER_SERVICE, args.timeout()).await,
-        );
+        let service = llorch_proto::TOKENIZER_SERVICE;
+        let result = match args.ca() {
+            Ok(ca) => probe::grpc_health(&url, service, args.timeout(), ca.as_ref()).await,
+            Err(e) => Err(e),
+        };
+        probe::exit_with(result);
     }
     // Flushes queued spans when dropped, at the end of main.
     let _telemetry = telemetry::init(&cli.telemetry, "llorch-tokenizer")?;

@@ -208,7 +208,8 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let key = config.auth.load()?;
+    let access = grpc::Access::load(&config.auth, &config.tls)?;
+    let tls = access.tls.is_some();
     let addr = listener.local_addr()?;
     let health = Health::new(llorch_proto::TOKENIZER_SERVICE).await;
     let service = TokenizerService::loading(config.limits);
@@ -216,7 +217,7 @@ pub async fn run(
     let tokenizer_server = TokenizerServer::new(service.clone())
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
-    tracing::info!(%addr, model = %config.model.display(), "tokenizer service listening");
+    tracing::info!(%addr, tls, model = %config.model.display(), "tokenizer service listening");
 
     let lifecycle = async {
         let started = Instant::now();
@@ -233,8 +234,15 @@ pub async fn run(
         health.draining().await;
         anyhow::Ok(())
     };
-    grpc::serve(listener, &health, Routes::new(tokenizer_server), key, lifecycle, config.grace())
-        .await?;
+    grpc::serve(
+        listener,
+        &health,
+        Routes::new(tokenizer_server),
+        access,
+        lifecycle,
+        config.grace(),
+    )
+    .await?;
     tracing::info!("tokenizer service stopped");
     Ok(())
 }
