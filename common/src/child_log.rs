@@ -65,6 +65,19 @@ impl ChildLog {
     pub fn rest(self) -> Vec<String> {
         self.lines.into_iter().collect()
     }
+
+    /// Writes the lines not read yet to `out`, one per line, on a thread of its own until the
+    /// child closes its stderr: for a child that runs long after start-up (nothing piles up in
+    /// memory).
+    pub fn copy_to(self, mut out: impl std::io::Write + Send + 'static) {
+        std::thread::spawn(move || {
+            for line in self.lines {
+                if writeln!(out, "{line}").is_err() {
+                    return;
+                }
+            }
+        });
+    }
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@
 //! they have (streams included) before closing.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -219,11 +219,53 @@ impl tower::Service<Request<hyper::body::Incoming>> for Tracked {
 
     fn call(&mut self, req: Request<hyper::body::Incoming>) -> Self::Future {
         let running = Running::new(Arc::clone(&self.activity));
+        let read = Arc::new(AtomicBool::new(req.body().is_end_stream()));
+        let req = req.map(|body| Body::new(WatchedBody { body, read: Arc::clone(&read) }));
         let call = self.inner.call(req);
         Box::pin(async move {
-            let resp = call.await?;
+            let mut resp = call.await?;
+            // A request body not read to its end (refused by its length, or before the handler
+            // read it): hyper closes the connection after this response, since the next
+            // request cannot be found in the rest. Say so, or a client reuses the connection
+            // for its next request and loses it.
+            if !read.load(Ordering::SeqCst) {
+                resp.headers_mut().insert(
+                    axum::http::header::CONNECTION,
+                    axum::http::HeaderValue::from_static("close"),
+                );
+            }
             Ok(resp.map(|body| Body::new(GuardedBody { body, _running: running })))
         })
+    }
+}
+
+/// A request body that records when it has been read to its end.
+struct WatchedBody {
+    body: hyper::body::Incoming,
+    read: Arc<AtomicBool>,
+}
+
+impl HttpBody for WatchedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        let frame = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(frame, std::task::Poll::Ready(None)) || self.body.is_end_stream() {
+            self.read.store(true, Ordering::SeqCst);
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 

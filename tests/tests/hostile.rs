@@ -218,3 +218,32 @@ async fn a_zero_grpc_timeout_is_refused_and_the_services_serve_on() {
     stack.settled().await.unwrap();
     stack.stop().await.unwrap();
 }
+
+/// Found by the soak: a request answered before its body was read to the end (a `413` over
+/// `--max-body-bytes`; here a `400` when the body stops coming) leaves the rest of the body on
+/// the connection, so the gateway closes it after the answer; without `connection: close` on
+/// that answer a client reused the connection for its next request and lost it ("connection
+/// closed before message completed").
+#[tokio::test]
+async fn an_answer_before_the_body_was_read_closes_the_connection_and_says_so() {
+    let stack = stack().await;
+    let mut conn = TcpStream::connect(stack.gateway.addr).await.unwrap();
+    let head = "POST /execute HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+                content-length: 2000000\r\n\r\n{\"job_id\":\"j\",\"prompt\":\"";
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let answer = read_to_close(&mut conn).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.to_lowercase().contains("\r\nconnection: close\r\n"), "{answer}");
+    // A whole body read (even one refused) keeps the connection: two answers on one.
+    let mut conn = TcpStream::connect(stack.gateway.addr).await.unwrap();
+    let bad = "POST /execute HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+               content-length: 2\r\n\r\n{}";
+    let last = "GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n";
+    conn.write_all(format!("{bad}{last}").as_bytes()).await.unwrap();
+    let answer = read_to_close(&mut conn).await;
+    let statuses: Vec<&str> =
+        answer.match_indices("HTTP/1.1 ").map(|(i, _)| &answer[i + 9..i + 12]).collect();
+    assert_eq!(statuses, ["422", "200"], "{answer}");
+    assert_serving(&stack).await;
+    stack.stop().await.unwrap();
+}
