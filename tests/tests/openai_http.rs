@@ -547,3 +547,88 @@ async fn an_engine_that_is_down_gives_503_in_openai_shape() {
     gateway.stop().await.unwrap();
     tokenizer.stop().await.unwrap();
 }
+
+/// The engine dies (SIGKILL) in the middle of a streamed completion: the stream ends with an
+/// `error` chunk (retriable, server_error) and `[DONE]`, never a silent end or a hang; the
+/// gateway answers 503 until the engine is back on its port, then completes again.
+#[tokio::test]
+async fn an_engine_killed_mid_stream_ends_the_completion_with_an_error_chunk_then_done() {
+    let tokenizer = llorch_e2e::start_tokenizer(|_| {}).await.unwrap();
+    tokenizer.wait_serving(llorch_proto::TOKENIZER_SERVICE).await.unwrap();
+    let engine = llorch_e2e::EngineProcess::spawn(0, &llorch_e2e::test_model()).unwrap();
+    let port = engine.addr.port();
+    let config = llorch_gateway::GatewayConfig::new(tokenizer.url(), engine.url());
+    let gateway = llorch_e2e::Service::spawn(move |l, s| llorch_gateway::server::run(config, l, s))
+        .await
+        .unwrap();
+    let url = |path: &str| format!("{}{path}", gateway.url());
+    llorch_e2e::wait_http_ok(&url("/health")).await.unwrap();
+    let body = json!({"prompt": "Hello.", "max_tokens": 1000, "temperature": 0, "stream": true});
+    let resp = http().post(url("/v1/completions")).json(&body).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut r = SseReader::new(resp);
+    let first = r.next().await.unwrap();
+    assert!(first.data["choices"][0]["text"].is_string(), "{first:?}");
+    drop(engine); // SIGKILL
+    let rest = tokio::time::timeout(Duration::from_secs(10), r.collect()).await.unwrap();
+    let n = rest.len();
+    assert!(n >= 2, "{rest:?}");
+    assert_eq!(rest[n - 1].data, "[DONE]", "{rest:?}");
+    let error = &rest[n - 2].data["error"];
+    assert_eq!(error["type"], "server_error", "{rest:?}");
+    let resp = http().post(url("/v1/completions")).json(&json!({"prompt": "Hi", "max_tokens": 2}));
+    assert_eq!(resp.send().await.unwrap().status(), 503);
+
+    let engine = llorch_e2e::EngineProcess::spawn(port, &llorch_e2e::test_model()).unwrap();
+    llorch_e2e::wait_http_ok(&url("/health")).await.unwrap();
+    let resp = http().post(url("/v1/completions")).json(&json!({"prompt": "Hi", "max_tokens": 2}));
+    assert_eq!(resp.send().await.unwrap().status(), 200);
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = http().get(url("/metrics")).send().await.unwrap().text().await.unwrap();
+        if m.contains("\nllorch_in_flight_requests 0\n") {
+            break;
+        }
+        assert!(Instant::now() < until, "in-flight not back to 0:\n{m}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gateway.stop().await.unwrap();
+    drop(engine);
+    tokenizer.stop().await.unwrap();
+}
+
+/// SIGTERM while a completion streams: new completions get 503 (OpenAI shape) at once, the
+/// running one streams to its last token and `[DONE]`, then the gateway returns.
+#[tokio::test]
+async fn shutdown_refuses_new_completions_and_lets_running_streams_finish() {
+    let Stack { tokenizer, engine, gateway } = stack().await;
+    let base = gateway.url();
+    let body = json!({"prompt": "Hello.", "max_tokens": 300, "temperature": 0, "stream": true,
+        "stream_options": {"include_usage": true}});
+    let resp = http().post(format!("{base}/v1/completions")).json(&body).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut r = SseReader::new(resp);
+    r.next().await.unwrap();
+    let stopping = tokio::spawn(gateway.stop());
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let late = json!({"prompt": "Hi", "max_tokens": 2});
+        match http().post(format!("{base}/v1/completions")).json(&late).send().await {
+            Ok(resp) if resp.status() == 503 => {
+                let body: Value = resp.json().await.unwrap();
+                assert_eq!(body["error"]["type"], "server_error", "{body}");
+                break;
+            }
+            Ok(resp) => assert!(Instant::now() < until, "still accepting: {}", resp.status()),
+            Err(e) => panic!("the gateway stopped listening while a stream was running: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let rest = r.collect().await;
+    let n = rest.len();
+    assert_eq!(rest[n - 1].data, "[DONE]");
+    assert_eq!(rest[n - 2].data["usage"]["completion_tokens"], 300, "{:?}", &rest[n - 2]);
+    stopping.await.unwrap().unwrap();
+    engine.stop().await.unwrap();
+    tokenizer.stop().await.unwrap();
+}

@@ -156,3 +156,91 @@ async fn shutdown_sets_not_serving_and_returns() {
     svc.stop().await.unwrap();
     assert!(encode(&mut client, "x").await.is_err(), "the stopped server still answers");
 }
+
+/// An open `DecodeStream` fed by hand: the sender (drop it to half-close) and the replies.
+async fn open_stream(
+    client: &mut TokenizerClient<Channel>,
+    timeout: Option<std::time::Duration>,
+) -> (
+    tokio::sync::mpsc::Sender<DecodeStreamRequest>,
+    tonic::Streaming<llorch_proto::tokenizer::v1::DecodeStreamResponse>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    if let Some(t) = timeout {
+        req.set_timeout(t);
+    }
+    let replies = client.decode_stream(req).await.unwrap().into_inner();
+    (tx, replies)
+}
+
+fn chunk(ids: &[u32]) -> DecodeStreamRequest {
+    DecodeStreamRequest { ids: ids.to_vec(), skip_special_tokens: false }
+}
+
+/// Stops the service and checks that it returned well within its 5 s grace: no stream task
+/// was left holding the drain.
+async fn stop_promptly(svc: Service) {
+    let t0 = std::time::Instant::now();
+    svc.stop().await.unwrap();
+    assert!(t0.elapsed() < std::time::Duration::from_secs(3), "stop took {:?}", t0.elapsed());
+}
+
+#[tokio::test]
+async fn a_decode_stream_the_client_drops_is_freed_and_the_server_serves_on() {
+    let (svc, mut client) = started(|_| {}).await;
+    let (tx, mut replies) = open_stream(&mut client, None).await;
+    tx.send(chunk(&[15496, 11])).await.unwrap();
+    assert_eq!(replies.message().await.unwrap().unwrap().text, "Hello,");
+    // The client goes away mid-stream, without half-closing.
+    drop(replies);
+    drop(tx);
+    assert_eq!(encode(&mut client, "Hello").await.unwrap(), [15496]);
+    stop_promptly(svc).await;
+}
+
+#[tokio::test]
+async fn a_decode_stream_past_its_deadline_ends_with_deadline_exceeded() {
+    let (svc, mut client) = started(|_| {}).await;
+    let t0 = std::time::Instant::now();
+    let (tx, mut replies) =
+        open_stream(&mut client, Some(std::time::Duration::from_millis(300))).await;
+    tx.send(chunk(&[15496])).await.unwrap();
+    assert_eq!(replies.message().await.unwrap().unwrap().text, "Hello");
+    // Nothing more is sent and the stream is never half-closed: the deadline ends it.
+    let end = tokio::time::timeout(std::time::Duration::from_secs(5), replies.message()).await;
+    let status = end.expect("the stream outlived its deadline by seconds").unwrap_err();
+    assert!(matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled), "{status:?}");
+    assert!(t0.elapsed() < std::time::Duration::from_secs(2), "ended after {:?}", t0.elapsed());
+    drop(tx);
+    assert_eq!(encode(&mut client, "Hello").await.unwrap(), [15496]);
+    stop_promptly(svc).await;
+}
+
+#[tokio::test]
+async fn shutdown_lets_an_open_decode_stream_finish_and_refuses_new_calls() {
+    let (svc, mut client) = started(|_| {}).await;
+    let (tx, mut replies) = open_stream(&mut client, None).await;
+    tx.send(chunk(&[15496])).await.unwrap();
+    assert_eq!(replies.message().await.unwrap().unwrap().text, "Hello");
+    let url = svc.url();
+    let stopping = tokio::spawn(svc.stop());
+    // New calls, on a new connection, are refused once the drain began.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let fresh = Channel::from_shared(url.clone()).unwrap().connect_lazy();
+        if encode(&mut TokenizerClient::new(fresh), "Hi").await.is_err() {
+            break;
+        }
+        assert!(std::time::Instant::now() < until, "still taking new calls while draining");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // The open stream is still answered, flushes on half-close and ends cleanly.
+    tx.send(chunk(&[11, 995])).await.unwrap();
+    assert_eq!(replies.message().await.unwrap().unwrap().text, ", world");
+    drop(tx);
+    while let Some(reply) = replies.message().await.unwrap() {
+        assert_eq!(reply.text, "", "the flush of a clean stream is empty");
+    }
+    stopping.await.unwrap().unwrap();
+}

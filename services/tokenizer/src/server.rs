@@ -113,19 +113,39 @@ impl Tokenizer for TokenizerService {
         request: Request<Streaming<pb::DecodeStreamRequest>>,
     ) -> Result<Response<Self::DecodeStreamStream>, Status> {
         let tok = self.tokenizer()?;
+        // The caller's deadline (`grpc-timeout`) bounds the whole stream, as for a unary call:
+        // tonic's client only bounds the wait for the response to start.
+        let deadline = grpc::grpc_timeout(&request.metadata().clone().into_headers())
+            .map(|t| tokio::time::Instant::now() + t);
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let service = self.clone();
-        // A panic in the task ends the stream with INTERNAL, never as if it had finished.
-        let on_panic = tx.clone();
+        // How the task ends the stream when it cannot: a panic (INTERNAL, never as if it had
+        // finished) or the deadline (DEADLINE_EXCEEDED; the task and its inbound are dropped).
+        let ends = tx.clone();
         let task = std::panic::AssertUnwindSafe(decode_stream_task(service, tok, inbound, tx));
         tokio::spawn(
             async move {
-                if let Err(payload) = task.catch_unwind().await {
-                    let message = llorch_common::failpoint::panic_message(payload.as_ref());
-                    tracing::error!(panic = message, "a decode stream's task panicked");
-                    let _ = on_panic.send(Err(Status::internal("internal tokenizer error"))).await;
-                }
+                let run = task.catch_unwind();
+                let outcome = match deadline {
+                    Some(at) => tokio::time::timeout_at(at, run).await.ok(),
+                    None => Some(run.await),
+                };
+                let status = match outcome {
+                    Some(Ok(())) => return,
+                    Some(Err(payload)) => {
+                        let message = llorch_common::failpoint::panic_message(payload.as_ref());
+                        tracing::error!(panic = message, "a decode stream's task panicked");
+                        Status::internal("internal tokenizer error")
+                    }
+                    None => {
+                        tracing::debug!("decode stream ended at its deadline");
+                        Status::deadline_exceeded("the call's deadline (grpc-timeout) passed")
+                    }
+                };
+                // Bounded: a client that stopped reading must not hold the task.
+                let send = ends.send(Err(status));
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send).await;
             }
             .instrument(tracing::Span::current()),
         );
