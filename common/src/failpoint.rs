@@ -16,9 +16,10 @@ pub const ENV: &str = "LLORCH_FAILPOINTS";
 
 /// Every failpoint there is (a name not here is refused, so a misspelling cannot pass
 /// silently); `test.*` names are free for this module's own tests.
-pub const NAMES: [&str; 7] = [
+pub const NAMES: [&str; 8] = [
     "engine.generate",
     "engine.scheduler",
+    "engine.scheduler_draining",
     "gateway.execute",
     "gateway.completions",
     "gateway.job",
@@ -125,7 +126,8 @@ mod tests {
 
     #[test]
     fn bad_specs_are_refused_with_the_item() {
-        for bad in ["x", "test.x=crash", "test.x=panic*", "test.x=panic*two", "engine.genrate=panic"]
+        for bad in
+            ["x", "test.x=crash", "test.x=panic*", "test.x=panic*two", "engine.genrate=panic"]
         {
             let err = configure(bad).unwrap_err();
             assert!(err.contains(bad.split('=').next().unwrap()), "{bad}: {err}");

@@ -160,3 +160,48 @@ async fn panicking_tokenizer_calls_end_with_internal_and_it_serves_on() {
     assert_eq!(replies.next().await.unwrap().unwrap().text, "Hello");
     svc.stop().await.unwrap();
 }
+
+/// A scheduler panic while the engine drains after SIGTERM: the running stream gets its error
+/// and the engine exits non-zero at once (before, it waited out the grace period and exited 0,
+/// so nothing told a supervisor that the engine had failed).
+#[tokio::test]
+async fn a_scheduler_panic_while_draining_still_exits_non_zero() {
+    let env = [(failpoint::ENV, "engine.scheduler_draining=panic*1")];
+    let mut engine = EngineProcess::spawn_with_env(0, &test_model(), &env).unwrap();
+    let channel = tonic::transport::Channel::from_shared(engine.url()).unwrap().connect_lazy();
+    let mut client = EngineClient::new(channel);
+    let req = GenerateRequest {
+        request_id: "long".into(),
+        prompt_ids: vec![15496, 13],
+        stopping: Some(StoppingCriteria {
+            max_new_tokens: 900,
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut stream = client.generate(req).await.unwrap().into_inner();
+    stream.message().await.unwrap().expect("a first token");
+    engine.signal("TERM").unwrap();
+    let end = loop {
+        match stream.message().await {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the stream ended without an error"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(end.code(), Code::Internal, "{end:?}");
+    let status = tokio::task::spawn_blocking(move || {
+        for _ in 0..100 {
+            if let Some(status) = engine.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    })
+    .await
+    .unwrap()
+    .expect("the engine still runs 5 s after its scheduler panicked while draining");
+    assert!(!status.success(), "exit status {status}");
+}

@@ -409,13 +409,20 @@ pub async fn run(
             grace_secs = config.grace_secs,
             "draining: new requests refused, running streams finishing"
         );
-        if !scheduler.wait_idle(grace).await {
+        let failed = anyhow::anyhow!("the engine's scheduler thread panicked while draining");
+        let idle = tokio::select! {
+            idle = scheduler.wait_idle(grace) => idle,
+            // Its streams have had their error (the scheduler's drop sends it); exit non-zero.
+            () = scheduler.failed() => return Err(failed),
+        };
+        if !idle {
             tracing::warn!("grace period over: cancelling the remaining streams");
             scheduler.cancel_all();
             scheduler.wait_idle(Duration::from_secs(5)).await;
         }
         scheduler.stop();
         let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        anyhow::ensure!(!scheduler.has_failed(), failed);
         anyhow::Ok(())
     };
     // Streams are drained (or cancelled) before the server is told to stop; its short grace

@@ -22,12 +22,14 @@ pub(super) fn run(
     config: SchedulerConfig,
     rx: mpsc::Receiver<Command>,
     stats: Arc<Stats>,
+    draining: llorch_common::shutdown::DrainSignal,
 ) {
     Scheduler {
         model,
         config,
         rx,
         stats,
+        draining,
         entries: BTreeMap::new(),
         arrivals: 0,
         pool: Vec::new(),
@@ -212,6 +214,8 @@ struct Scheduler {
     config: SchedulerConfig,
     rx: mpsc::Receiver<Command>,
     stats: Arc<Stats>,
+    /// Set once the server drains (only the `engine.scheduler_draining` failpoint reads it).
+    draining: llorch_common::shutdown::DrainSignal,
     /// Every live job, by arrival number: iterating gives arrival order, so admission is first
     /// come first served and batches keep their rows in order. (Not by request id: those are
     /// the callers', and nothing makes them unique.)
@@ -236,6 +240,9 @@ impl Scheduler {
             self.reap();
             if !self.entries.is_empty() {
                 llorch_common::failpoint::hit("engine.scheduler");
+                if self.draining.is_started() {
+                    llorch_common::failpoint::hit("engine.scheduler_draining");
+                }
             }
             self.admit();
             self.prefill_step();

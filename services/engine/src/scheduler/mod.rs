@@ -249,6 +249,11 @@ impl SchedulerHandle {
         self.failed.started()
     }
 
+    /// Whether the scheduler thread has panicked.
+    pub fn has_failed(&self) -> bool {
+        self.failed.is_started()
+    }
+
     /// Stops the scheduler thread (after its current step).
     pub fn stop(&self) {
         let _ = self.tx.send(Command::Stop);
@@ -280,8 +285,9 @@ pub fn spawn(
         config,
     };
     let failed = handle.failed.clone();
+    let draining = handle.draining.clone();
     let join = std::thread::Builder::new().name("llorch-scheduler".into()).spawn(move || {
-        let run = std::panic::AssertUnwindSafe(|| actor::run(model, config, rx, stats));
+        let run = std::panic::AssertUnwindSafe(|| actor::run(model, config, rx, stats, draining));
         if let Err(payload) = std::panic::catch_unwind(run) {
             let message = llorch_common::failpoint::panic_message(payload.as_ref());
             tracing::error!(panic = message, "the scheduler thread panicked");
