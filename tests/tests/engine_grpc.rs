@@ -719,3 +719,20 @@ async fn last_token_carries_the_finish_reason() {
     assert_eq!(fin, Some(FinishReason::Cancelled as i32));
     svc.stop().await.unwrap();
 }
+
+/// A `GenerateRequest` over `--max-message-bytes` is refused by the transport (the handler
+/// never sees it), and the engine serves on; one just under the limit is generated.
+#[tokio::test]
+async fn a_message_over_the_size_limit_is_refused_and_the_engine_serves_on() {
+    let (svc, mut client) = started(|c| c.max_message_bytes = 4096).await;
+    // Ids under 128 are one byte each as varints: 5000 of them are over 4 KiB.
+    let huge = request("huge", vec![1; 5000], 1, greedy());
+    let err = collect(&mut client, huge).await.unwrap_err();
+    assert!(matches!(err.code(), Code::OutOfRange | Code::ResourceExhausted), "{err:?}");
+    let small = request("small", vec![1; 100], 2, greedy());
+    let (tokens, finished) = collect(&mut client, small).await.unwrap();
+    assert_eq!((tokens.len(), finished.generated_tokens), (2, 2));
+    let i = info(&mut client).await;
+    assert_eq!((i.running, i.waiting, i.kv_caches_in_use), (0, 0, 0));
+    svc.stop().await.unwrap();
+}
