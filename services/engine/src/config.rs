@@ -109,6 +109,17 @@ impl Gpt2Config {
                 self.n_layer, self.n_head, self.n_embd
             ));
         }
+        // Far over any GPT-2 (xl: 1600 wide, 48 layers), and small enough that no product of
+        // two sizes overflows (a fuzzed n_embd of 5e18 overflowed `4 * n_embd`).
+        for (name, v) in
+            [("n_layer", self.n_layer), ("n_head", self.n_head), ("n_embd", self.n_embd)]
+                .into_iter()
+                .chain(self.n_inner.map(|n| ("n_inner", n)))
+        {
+            if v > MAX_DIM {
+                return bad(format!("{name} {v} out of range (at most {MAX_DIM})"));
+            }
+        }
         if !self.n_embd.is_multiple_of(self.n_head) {
             return bad(format!(
                 "n_embd {} is not a multiple of n_head {}",
@@ -151,6 +162,9 @@ impl Gpt2Config {
         })
     }
 }
+
+/// The largest `n_layer`, `n_head`, `n_embd` and `n_inner` accepted.
+pub const MAX_DIM: usize = 1 << 20;
 
 /// The validated model shape the forward pass uses (legend: `V` vocab, `C` n_embd, `NH`
 /// n_head, `HS` head size, `L` layers).

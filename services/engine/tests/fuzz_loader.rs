@@ -62,7 +62,7 @@ fn header_len() -> usize {
 proptest! {
     #![proptest_config(ProptestConfig {
         cases: 96,
-        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("regressions"))),
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("proptest-regressions"))),
         ..ProptestConfig::default()
     })]
 
