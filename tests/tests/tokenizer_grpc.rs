@@ -244,3 +244,34 @@ async fn shutdown_lets_an_open_decode_stream_finish_and_refuses_new_calls() {
     }
     stopping.await.unwrap().unwrap();
 }
+
+/// Over `--max-concurrent-calls` (open decode streams count until they end), `Encode`,
+/// `Decode` and `DecodeStream` get `RESOURCE_EXHAUSTED` at once; the streams already open are
+/// answered, and once one ends the next call is served.
+#[tokio::test]
+async fn calls_over_the_limit_get_resource_exhausted_and_the_running_ones_go_on() {
+    let (svc, mut client) = started(|c| c.limits.max_concurrent_calls = 2).await;
+    let (tx1, mut replies1) = open_stream(&mut client, None).await;
+    let (tx2, mut replies2) = open_stream(&mut client, None).await;
+    tx1.send(chunk(&[15496])).await.unwrap();
+    assert_eq!(replies1.message().await.unwrap().unwrap().text, "Hello");
+    let err = encode(&mut client, "Hi").await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("--max-concurrent-calls"), "{err:?}");
+    let req = DecodeRequest { ids: vec![15496], skip_special_tokens: false };
+    assert_eq!(client.decode(req).await.unwrap_err().code(), Code::ResourceExhausted);
+    let third = client.decode_stream(futures::stream::iter(vec![chunk(&[11])])).await;
+    assert_eq!(third.unwrap_err().code(), Code::ResourceExhausted);
+    // The open ones go on; one ends, and a call fits again.
+    tx2.send(chunk(&[995])).await.unwrap();
+    assert_eq!(replies2.message().await.unwrap().unwrap().text, " world");
+    drop(tx1);
+    while replies1.message().await.unwrap().is_some() {}
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while encode(&mut client, "Hi").await.is_err() {
+        assert!(std::time::Instant::now() < until, "no permit came back");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    drop(tx2);
+    stop_promptly(svc).await;
+}

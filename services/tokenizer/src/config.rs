@@ -42,6 +42,10 @@ pub const DEFAULT_MAX_IDS: usize = 1 << 18;
 /// Largest gRPC message accepted unless configured otherwise (tonic's own default, 4 MiB).
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 << 20;
 
+/// Most calls at once unless configured otherwise: well under tokio's 512 blocking threads,
+/// which run the work, and far over what a gateway sends (two per job, 32 jobs by default).
+pub const DEFAULT_MAX_CONCURRENT_CALLS: usize = 256;
+
 /// Request size limits. Anything over them is refused with `INVALID_ARGUMENT` (or, for whole
 /// messages over `max_message_bytes`, by tonic with `OUT_OF_RANGE`) and the server keeps serving.
 #[derive(Debug, Clone, Copy, clap::Args)]
@@ -55,6 +59,10 @@ pub struct Limits {
     /// Largest gRPC message accepted, in bytes.
     #[arg(long, env = "LLORCH_TOKENIZER_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
+    /// Most calls at once (an open `DecodeStream` counts until it ends); one more gets
+    /// `RESOURCE_EXHAUSTED`, retriable.
+    #[arg(long, env = "LLORCH_TOKENIZER_MAX_CONCURRENT_CALLS", default_value_t = DEFAULT_MAX_CONCURRENT_CALLS)]
+    pub max_concurrent_calls: usize,
 }
 
 impl Default for Limits {
@@ -63,6 +71,7 @@ impl Default for Limits {
             max_text_bytes: DEFAULT_MAX_TEXT_BYTES,
             max_ids: DEFAULT_MAX_IDS,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_concurrent_calls: DEFAULT_MAX_CONCURRENT_CALLS,
         }
     }
 }

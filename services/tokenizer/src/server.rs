@@ -32,6 +32,8 @@ const STREAM_BUFFER: usize = 16;
 pub struct TokenizerService {
     tokenizer: Arc<OnceLock<Arc<BpeTokenizer>>>,
     limits: Limits,
+    /// One permit per call running (`--max-concurrent-calls`).
+    calls: Arc<tokio::sync::Semaphore>,
 }
 
 impl TokenizerService {
@@ -39,11 +41,22 @@ impl TokenizerService {
     pub fn new(tokenizer: Arc<BpeTokenizer>, limits: Limits) -> Self {
         let cell = OnceLock::new();
         let _ = cell.set(tokenizer);
-        Self { tokenizer: Arc::new(cell), limits }
+        Self { tokenizer: Arc::new(cell), ..Self::loading(limits) }
     }
 
     fn loading(limits: Limits) -> Self {
-        Self { tokenizer: Arc::new(OnceLock::new()), limits }
+        let calls = Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_calls.max(1)));
+        Self { tokenizer: Arc::new(OnceLock::new()), limits, calls }
+    }
+
+    /// A permit for one more call, or `RESOURCE_EXHAUSTED` when `--max-concurrent-calls` run.
+    fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        Arc::clone(&self.calls).try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "the tokenizer is running its limit of {} calls (--max-concurrent-calls); retry",
+                self.limits.max_concurrent_calls.max(1)
+            ))
+        })
     }
 
     fn tokenizer(&self) -> Result<Arc<BpeTokenizer>, Status> {
@@ -81,6 +94,7 @@ impl Tokenizer for TokenizerService {
         request: Request<pb::EncodeRequest>,
     ) -> Result<Response<pb::EncodeResponse>, Status> {
         llorch_common::failpoint::hit("tokenizer.encode");
+        let _permit = self.admit()?;
         let pb::EncodeRequest { text, add_special_tokens } = request.into_inner();
         if text.len() > self.limits.max_text_bytes {
             let err =
@@ -98,6 +112,7 @@ impl Tokenizer for TokenizerService {
         &self,
         request: Request<pb::DecodeRequest>,
     ) -> Result<Response<pb::DecodeResponse>, Status> {
+        let _permit = self.admit()?;
         let pb::DecodeRequest { ids, skip_special_tokens } = request.into_inner();
         self.check_id_count(ids.len())?;
         let tok = self.tokenizer()?;
@@ -113,6 +128,8 @@ impl Tokenizer for TokenizerService {
         request: Request<Streaming<pb::DecodeStreamRequest>>,
     ) -> Result<Response<Self::DecodeStreamStream>, Status> {
         let tok = self.tokenizer()?;
+        // Held by the stream's task until the stream ends.
+        let permit = self.admit()?;
         // The caller's deadline (`grpc-timeout`) bounds the whole stream, as for a unary call:
         // tonic's client only bounds the wait for the response to start.
         let deadline = grpc::grpc_timeout(&request.metadata().clone().into_headers())
@@ -126,6 +143,7 @@ impl Tokenizer for TokenizerService {
         let task = std::panic::AssertUnwindSafe(decode_stream_task(service, tok, inbound, tx));
         tokio::spawn(
             async move {
+                let _permit = permit;
                 let run = task.catch_unwind();
                 let outcome = match deadline {
                     Some(at) => tokio::time::timeout_at(at, run).await.ok(),
