@@ -48,7 +48,13 @@ pub async fn announce(
         tracing::info!(url = %config.callback_url, "test mode: ready callback skipped");
         return Ok(());
     }
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
+    let mut client = reqwest::Client::builder().timeout(Duration::from_secs(5));
+    // An https:// pool manager is checked against the same authorities as the upstreams.
+    if let Some(path) = &config.upstream_ca {
+        let ca = llorch_common::tls::ClientCa::from_file(path)?;
+        client = client.add_root_certificate(reqwest::Certificate::from_pem(ca.pem())?);
+    }
+    let client = client.build()?;
     let mut delay = Duration::from_secs_f64(config.callback_backoff_secs.max(0.0));
     let attempts = config.callback_attempts.max(1);
     let mut last_error = String::new();

@@ -116,7 +116,8 @@ pub struct GatewayConfig {
     #[command(flatten)]
     pub tls: TlsArgs,
     /// PEM file of the certificate authorities that `https://` upstream URLs
-    /// (`--tokenizer-url`, `--engine-url`) must chain to; needed for those URLs.
+    /// (`--tokenizer-url`, `--engine-url`) must chain to; needed for those URLs. An `https://`
+    /// `--callback-url` is checked against them too.
     #[arg(long, env = "LLORCH_UPSTREAM_CA")]
     pub upstream_ca: Option<std::path::PathBuf>,
 }

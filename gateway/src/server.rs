@@ -243,11 +243,10 @@ pub async fn run(
     tracing::info!(%addr, tls = config.tls.tls_cert.is_some(), tokenizer = %config.tokenizer_url, engines = ?config.engine_urls, "gateway listening");
 
     // Empty counts as unset (a compose file passes `LLORCH_PUBLIC_URL=` when none is given).
-    let uri = config
-        .public_url
-        .clone()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| format!("http://{addr}"));
+    let uri = config.public_url.clone().filter(|u| !u.is_empty()).unwrap_or_else(|| {
+        let scheme = if config.tls.tls_cert.is_some() { "https" } else { "http" };
+        format!("{scheme}://{addr}")
+    });
     let ready = callback::announce(&config, &uri, &state);
     let lifecycle = async {
         ready.await?;
