@@ -105,6 +105,7 @@ async fn greedy_execute_streams_the_reference_text_with_every_field() {
     assert!(metrics.contains("llorch_time_to_first_token_seconds_count 1"));
     assert!(metrics.contains("llorch_inter_token_latency_seconds_count 23"));
     assert!(metrics.contains("llorch_queue_depth 0"));
+    stack.settled().await.unwrap();
     stack.stop().await.unwrap();
 }
 
@@ -122,6 +123,7 @@ async fn health_reports_the_model_and_the_cpu() {
     assert_eq!(h["memory_architecture"], "cpu");
     assert_eq!((h["context_length"].as_u64(), h["vocab_size"].as_u64()), (Some(1024), Some(50257)));
     assert!(h["memory_bytes"].as_u64().unwrap() > 6_000_000);
+    stack.settled().await.unwrap();
     stack.stop().await.unwrap();
 }
 
@@ -182,6 +184,7 @@ async fn every_validation_rule_alone_and_together() {
     );
     // Still serving.
     assert!(!text_of(&events(&stack, with("temperature", json!(0))).await).is_empty());
+    stack.settled().await.unwrap();
     stack.stop().await.unwrap();
 }
 
@@ -204,6 +207,7 @@ async fn max_tokens_limits_follow_the_engine_and_print_as_integers() {
     // Within the engine's limit the job runs.
     let end = events(&stack, body(16)).await;
     assert_eq!(end.last().unwrap().data["type"], "end", "{end:?}");
+    stack.settled().await.unwrap();
     stack.stop().await.unwrap();
 }
 
@@ -248,6 +252,7 @@ async fn context_overflow_and_malformed_bodies_get_json_errors() {
     // An oversized body.
     let big = json!({"job_id": "x", "prompt": "z".repeat(2 << 20), "max_tokens": 1});
     assert_eq!(execute(&stack, big).await.status(), 413);
+    stack.settled().await.unwrap();
     stack.stop().await.unwrap();
 }
 
@@ -282,6 +287,7 @@ async fn a_stop_string_spanning_tokens_is_never_streamed() {
     let n_tokens = stopped.iter().filter(|e| e.event == "token").count() as u64;
     assert_eq!(end.data["tokens_out"].as_u64(), Some(n_tokens));
     wait_engine_idle(&stack).await;
+    stack.settled().await.unwrap();
     stack.stop().await.unwrap();
 }
 
@@ -326,6 +332,7 @@ async fn characters_split_across_tokens_arrive_whole() {
         }
     }
     assert_eq!(pieces, expected);
+    stack.settled().await.unwrap();
     stack.stop().await.unwrap();
 }
 
@@ -338,6 +345,7 @@ async fn a_multibyte_stop_string_split_over_byte_tokens_is_never_streamed() {
     assert_eq!(text_of(&evs), text[..text.find('€').unwrap()]);
     assert_eq!(evs.last().unwrap().data["stop_sequence_matched"], "€5 👍");
     wait_engine_idle(&stack).await;
+    stack.settled().await.unwrap();
     stack.stop().await.unwrap();
 }
 
@@ -402,6 +410,7 @@ async fn cancel_during_decode_ends_with_cancelled_and_frees_the_engine() {
             .status(),
         400
     );
+    stack.settled().await.unwrap();
     stack.stop().await.unwrap();
 }
 
@@ -437,6 +446,7 @@ async fn cancel_by_path_is_the_same_as_cancel_with_a_body() {
     )
     .await;
     assert_eq!(events.last().unwrap().event, "end");
+    stack.settled().await.unwrap();
     stack.stop().await.unwrap();
 }
 
@@ -468,6 +478,7 @@ async fn cancel_during_prefill_ends_with_cancelled_and_frees_the_engine() {
     );
     assert_eq!(rest.last().unwrap().data["code"], "CANCELLED");
     wait_engine_idle(&stack).await;
+    stack.settled().await.unwrap();
     stack.stop().await.unwrap();
 }
 
@@ -491,6 +502,7 @@ async fn a_client_that_disconnects_cancels_its_job() {
         tokio::time::sleep(Duration::from_millis(10)).await;
         m = http().get(stack.url("/metrics")).send().await.unwrap().text().await.unwrap();
     }
+    stack.settled().await.unwrap();
     stack.stop().await.unwrap();
 }
 
@@ -525,6 +537,7 @@ async fn more_requests_than_max_in_flight_get_429_with_retry_after() {
         execute(&stack, json!({"job_id": "d", "prompt": "Hey", "max_tokens": 2})).await.status(),
         200
     );
+    stack.settled().await.unwrap();
     stack.stop().await.unwrap();
 }
 
@@ -538,6 +551,7 @@ async fn a_duplicate_running_job_id_is_refused() {
     .await;
     let resp = execute(&stack, json!({"job_id": "same", "prompt": "Hi", "max_tokens": 2})).await;
     assert_eq!(resp.status(), 409);
+    stack.settled().await.unwrap();
     stack.stop().await.unwrap();
 }
 
@@ -619,6 +633,7 @@ async fn correlation_ids_are_echoed_when_uuids_and_generated_otherwise() {
         .unwrap();
     assert_eq!(resp.headers()["x-correlation-id"], id);
     assert_eq!(SseReader::new(resp).collect().await.last().unwrap().event, "end");
+    stack.settled().await.unwrap();
     stack.stop().await.unwrap();
 }
 

@@ -85,6 +85,7 @@ async fn models_lists_the_served_model_with_its_context_length() {
         (Some("tiny"), Some("model"))
     );
     assert_eq!(models[0]["context_length"], 1024);
+    stack.settled().await.unwrap();
     stack.stop().await.unwrap();
 }
 
@@ -116,6 +117,7 @@ async fn a_greedy_completion_is_the_execute_text_with_usage() {
     // max_tokens defaults to 16 (OpenAI's default).
     let v = complete(&stack, json!({"prompt": "Hello.", "temperature": 0})).await;
     assert_eq!(v["usage"]["completion_tokens"], 16);
+    stack.settled().await.unwrap();
     stack.stop().await.unwrap();
 }
 
@@ -142,6 +144,7 @@ async fn a_streamed_completion_concatenates_to_the_same_text_then_done() {
     // Without include_usage: no usage chunk, no usage field.
     let data = chunks(&stack, json!({"prompt": "Hi", "max_tokens": 3, "stream": true})).await;
     assert!(data.iter().all(|c| c.get("usage").is_none()), "{data:?}");
+    stack.settled().await.unwrap();
     stack.stop().await.unwrap();
 }
 
@@ -186,6 +189,7 @@ async fn logprobs_have_the_openai_shape_and_the_greedy_token_is_the_top_one() {
         assert_eq!(lp["tokens"][0], tokens[i]);
         assert_eq!(lp["text_offset"][0], offsets[i]);
     }
+    stack.settled().await.unwrap();
     stack.stop().await.unwrap();
 }
 
@@ -210,6 +214,7 @@ async fn a_stop_string_ends_the_text_before_it_with_finish_reason_stop() {
     )
     .await;
     assert_eq!(v["choices"][0]["text"].as_str().unwrap(), cut);
+    stack.settled().await.unwrap();
     stack.stop().await.unwrap();
 }
 
@@ -237,6 +242,7 @@ async fn a_token_id_prompt_and_echo_give_the_text_prompt_result() {
     assert_eq!(lp["tokens"].as_array().unwrap().len(), n + 10);
     assert!(lp["token_logprobs"].as_array().unwrap()[..n].iter().all(Value::is_null));
     assert_eq!(lp["text_offset"][n], 6, "the first generated token starts after the echo");
+    stack.settled().await.unwrap();
     stack.stop().await.unwrap();
 }
 
@@ -385,6 +391,7 @@ async fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     let resp = post(&stack, "/v1/completions", json!({"model": "gpt-4", "prompt": "Hi"})).await;
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["code"], "model_not_found");
+    stack.settled().await.unwrap();
     stack.stop().await.unwrap();
 }
 
@@ -399,6 +406,7 @@ async fn a_context_overflow_names_both_numbers() {
     assert_eq!(body["error"]["param"], "max_tokens");
     let message = body["error"]["message"].as_str().unwrap();
     assert!(message.contains("max_tokens (1023)") && message.contains("1024"), "{message}");
+    stack.settled().await.unwrap();
     stack.stop().await.unwrap();
 }
 
@@ -431,6 +439,7 @@ async fn tokenize_and_detokenize_round_trip_through_the_tokenizer() {
     assert_error(resp, 404, Some("model")).await;
     let resp = post(&stack, "/tokenize", json!({"text": "x"})).await;
     assert_error(resp, 400, Some("prompt")).await;
+    stack.settled().await.unwrap();
     stack.stop().await.unwrap();
 }
 
@@ -454,6 +463,7 @@ async fn a_client_that_leaves_a_stream_cancels_its_job_and_it_is_counted() {
         assert!(Instant::now() < until, "{m}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    stack.settled().await.unwrap();
     stack.stop().await.unwrap();
 }
 
@@ -487,6 +497,7 @@ async fn admission_is_shared_with_execute_429_with_retry_after() {
     let m = http().get(stack.url("/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(m.contains("llorch_requests_total{outcome=\"overloaded\"} 1"), "{m}");
     assert!(m.contains("llorch_requests_total{outcome=\"ok\"} 2"), "{m}");
+    stack.settled().await.unwrap();
     stack.stop().await.unwrap();
 }
 
@@ -518,6 +529,7 @@ async fn a_client_that_leaves_before_a_whole_completion_cancels_its_job() {
         assert!(Instant::now() < until, "{m}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    stack.settled().await.unwrap();
     stack.stop().await.unwrap();
 }
 
