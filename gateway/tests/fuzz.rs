@@ -90,7 +90,7 @@ fn any_body() -> impl Strategy<Value = Value> {
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: 512,
+        cases: cases(512),
         failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("proptest-regressions"))),
         ..ProptestConfig::default()
     })]
@@ -202,4 +202,10 @@ fn parse_sse(body: &str) -> Vec<(String, String)> {
         }
     }
     out
+}
+
+/// `PROPTEST_CASES` when set (the long run in docs/RELIABILITY.md), else `default`: a
+/// `cases` written in the config would override the variable.
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }

@@ -61,7 +61,7 @@ fn header_len() -> usize {
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: 96,
+        cases: cases(96),
         failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("proptest-regressions"))),
         ..ProptestConfig::default()
     })]
@@ -118,4 +118,10 @@ proptest! {
     fn any_bytes_as_config_are_an_error(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
         prop_assert!(load(&bytes, weights()).is_err());
     }
+}
+
+/// `PROPTEST_CASES` when set (the long run in docs/RELIABILITY.md), else `default`: a
+/// `cases` written in the config would override the variable.
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }

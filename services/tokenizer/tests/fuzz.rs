@@ -31,7 +31,7 @@ fn any_id() -> impl Strategy<Value = u32> {
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: 512,
+        cases: cases(512),
         failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("proptest-regressions"))),
         ..ProptestConfig::default()
     })]
@@ -73,4 +73,10 @@ proptest! {
         let full = tok.decode(&accepted, skip_special).unwrap();
         prop_assert_eq!(streamed, full);
     }
+}
+
+/// `PROPTEST_CASES` when set (the long run in docs/RELIABILITY.md), else `default`: a
+/// `cases` written in the config would override the variable.
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
