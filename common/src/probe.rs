@@ -70,9 +70,7 @@ pub async fn grpc_health(
         .connect_timeout(timeout)
         .timeout(timeout);
     if let Some(ca) = ca {
-        let host = endpoint.uri().host().unwrap_or_default().trim_matches(['[', ']']).to_owned();
-        endpoint =
-            endpoint.tls_config(ca.tonic(&host)).map_err(|e| format!("TLS: {}", chain(&e)))?;
+        endpoint = ca.apply(endpoint, None).map_err(|e| format!("TLS: {}", chain(&e)))?;
     }
     let check = async {
         let channel = endpoint

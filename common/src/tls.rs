@@ -142,6 +142,20 @@ impl ClientCa {
         &self.pem
     }
 
+    /// `endpoint` over TLS, its server's certificate checked for `host` (default: the
+    /// endpoint's own host).
+    pub fn apply(
+        &self,
+        endpoint: tonic::transport::Endpoint,
+        host: Option<&str>,
+    ) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
+        let host = match host {
+            Some(h) => h.to_owned(),
+            None => endpoint.uri().host().unwrap_or_default().trim_matches(['[', ']']).to_owned(),
+        };
+        endpoint.tls_config(self.tonic(&host))
+    }
+
     /// tonic's client configuration for a server named `host` (checked against the server's
     /// certificate, whatever address the connection goes to).
     pub fn tonic(&self, host: &str) -> tonic::transport::ClientTlsConfig {

@@ -124,11 +124,7 @@ pub fn channel(url: &str, tls_host: Option<&str>, creds: &Credentials) -> anyhow
         let ca = creds.ca.as_ref().ok_or_else(|| {
             anyhow::anyhow!("an https:// upstream needs --upstream-ca (the authority that signed its certificate)")
         })?;
-        let host = match tls_host {
-            Some(h) => h.to_owned(),
-            None => endpoint.uri().host().unwrap_or_default().trim_matches(['[', ']']).to_owned(),
-        };
-        endpoint = endpoint.tls_config(ca.tonic(&host))?;
+        endpoint = ca.apply(endpoint, tls_host)?;
     }
     Ok(InterceptedService::new(endpoint.connect_lazy(), Outbound::new(creds.key.as_ref())))
 }

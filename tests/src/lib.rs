@@ -241,13 +241,7 @@ impl Stack {
 
     /// The gateway's `llorch_in_flight_requests` gauge.
     pub async fn gateway_in_flight(&self) -> anyhow::Result<f64> {
-        let text = reqwest::get(self.url("/metrics")).await?.text().await?;
-        text.lines()
-            .find_map(|l| l.strip_prefix("llorch_in_flight_requests "))
-            .context("no llorch_in_flight_requests in /metrics")?
-            .trim()
-            .parse()
-            .context("llorch_in_flight_requests is not a number")
+        gateway_in_flight(&self.gateway.url()).await
     }
 
     /// Waits (10 s at most) until nothing is left of earlier work: the gateway's in-flight
@@ -275,6 +269,29 @@ impl Stack {
         self.engine.stop().await?;
         self.tokenizer.stop().await
     }
+}
+
+/// The `llorch_in_flight_requests` gauge of the gateway at `base` (`http://host:port`).
+pub async fn gateway_in_flight(base: &str) -> anyhow::Result<f64> {
+    let text = reqwest::get(format!("{base}/metrics")).await?.text().await?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("llorch_in_flight_requests "))
+        .context("no llorch_in_flight_requests in /metrics")?
+        .trim()
+        .parse()
+        .context("llorch_in_flight_requests is not a number")
+}
+
+/// A worker whose engine is a child process (so that a test can kill it as a crash would),
+/// with the tokenizer and the gateway in-process; returned once the gateway's `/health` is 200.
+pub async fn start_with_engine_process() -> anyhow::Result<(Service, EngineProcess, Service)> {
+    let tokenizer = start_tokenizer(|_| {}).await?;
+    tokenizer.wait_serving(llorch_proto::TOKENIZER_SERVICE).await?;
+    let engine = EngineProcess::spawn(0, &test_model())?;
+    let config = llorch_gateway::GatewayConfig::new(tokenizer.url(), engine.url());
+    let gateway = Service::spawn(move |l, s| llorch_gateway::server::run(config, l, s)).await?;
+    wait_http_ok(&format!("{}/health", gateway.url())).await?;
+    Ok((tokenizer, engine, gateway))
 }
 
 /// Polls `url` until it answers 200 (10 s).

@@ -557,16 +557,9 @@ async fn a_duplicate_running_job_id_is_refused() {
 
 #[tokio::test]
 async fn losing_the_engine_mid_stream_gives_an_error_event_and_503_until_it_returns() {
-    let tokenizer = llorch_e2e::start_tokenizer(|_| {}).await.unwrap();
-    tokenizer.wait_serving(llorch_proto::TOKENIZER_SERVICE).await.unwrap();
-    let engine = llorch_e2e::EngineProcess::spawn(0, &test_model()).unwrap();
+    let (tokenizer, engine, gateway) = llorch_e2e::start_with_engine_process().await.unwrap();
     let port = engine.addr.port();
-    let config = llorch_gateway::GatewayConfig::new(tokenizer.url(), engine.url());
-    let gateway = llorch_e2e::Service::spawn(move |l, s| llorch_gateway::server::run(config, l, s))
-        .await
-        .unwrap();
     let base = gateway.url();
-    llorch_e2e::wait_http_ok(&format!("{base}/health")).await.unwrap();
     let post = |body: Value| http().post(format!("{base}/execute")).json(&body).send();
 
     let resp =

@@ -535,16 +535,9 @@ async fn a_client_that_leaves_before_a_whole_completion_cancels_its_job() {
 
 #[tokio::test]
 async fn an_engine_that_is_down_gives_503_in_openai_shape() {
-    let tokenizer = llorch_e2e::start_tokenizer(|_| {}).await.unwrap();
-    tokenizer.wait_serving(llorch_proto::TOKENIZER_SERVICE).await.unwrap();
     // A real process: killing it closes every connection, as a crash does.
-    let engine = llorch_e2e::EngineProcess::spawn(0, &llorch_e2e::test_model()).unwrap();
-    let config = llorch_gateway::GatewayConfig::new(tokenizer.url(), engine.url());
-    let gateway = llorch_e2e::Service::spawn(move |l, s| llorch_gateway::server::run(config, l, s))
-        .await
-        .unwrap();
+    let (tokenizer, engine, gateway) = llorch_e2e::start_with_engine_process().await.unwrap();
     let url = |path: &str| format!("{}{path}", gateway.url());
-    llorch_e2e::wait_http_ok(&url("/health")).await.unwrap();
     let complete = || {
         http().post(url("/v1/completions")).json(&json!({"prompt": "Hi", "max_tokens": 2})).send()
     };
@@ -565,16 +558,9 @@ async fn an_engine_that_is_down_gives_503_in_openai_shape() {
 /// gateway answers 503 until the engine is back on its port, then completes again.
 #[tokio::test]
 async fn an_engine_killed_mid_stream_ends_the_completion_with_an_error_chunk_then_done() {
-    let tokenizer = llorch_e2e::start_tokenizer(|_| {}).await.unwrap();
-    tokenizer.wait_serving(llorch_proto::TOKENIZER_SERVICE).await.unwrap();
-    let engine = llorch_e2e::EngineProcess::spawn(0, &llorch_e2e::test_model()).unwrap();
+    let (tokenizer, engine, gateway) = llorch_e2e::start_with_engine_process().await.unwrap();
     let port = engine.addr.port();
-    let config = llorch_gateway::GatewayConfig::new(tokenizer.url(), engine.url());
-    let gateway = llorch_e2e::Service::spawn(move |l, s| llorch_gateway::server::run(config, l, s))
-        .await
-        .unwrap();
     let url = |path: &str| format!("{}{path}", gateway.url());
-    llorch_e2e::wait_http_ok(&url("/health")).await.unwrap();
     let body = json!({"prompt": "Hello.", "max_tokens": 1000, "temperature": 0, "stream": true});
     let resp = http().post(url("/v1/completions")).json(&body).send().await.unwrap();
     assert_eq!(resp.status(), 200);
@@ -597,11 +583,11 @@ async fn an_engine_killed_mid_stream_ends_the_completion_with_an_error_chunk_the
     assert_eq!(resp.send().await.unwrap().status(), 200);
     let until = Instant::now() + Duration::from_secs(10);
     loop {
-        let m = http().get(url("/metrics")).send().await.unwrap().text().await.unwrap();
-        if m.contains("\nllorch_in_flight_requests 0\n") {
+        let in_flight = llorch_e2e::gateway_in_flight(&gateway.url()).await.unwrap();
+        if in_flight == 0.0 {
             break;
         }
-        assert!(Instant::now() < until, "in-flight not back to 0:\n{m}");
+        assert!(Instant::now() < until, "in-flight not back to 0: {in_flight}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     gateway.stop().await.unwrap();

@@ -64,25 +64,16 @@ async fn a_panicking_generate_handler_ends_that_call_with_internal_and_the_engin
 #[tokio::test]
 async fn a_scheduler_panic_fails_its_streams_and_the_engine_exits_non_zero() {
     let env = [(failpoint::ENV, "engine.scheduler=panic*1")];
-    let mut engine = EngineProcess::spawn_with_env(0, &test_model(), &env).unwrap();
+    let engine = EngineProcess::spawn_with_env(0, &test_model(), &env).unwrap();
     let channel = tonic::transport::Channel::from_shared(engine.url()).unwrap().connect_lazy();
     let mut client = EngineClient::new(channel);
     let err = generate(&mut client, "doomed").await.unwrap_err();
     assert_eq!(err.code(), Code::Internal, "{err:?}");
     assert!(err.message().contains("scheduler thread panicked"), "{err:?}");
     // It stops by itself, with a failure status a supervisor acts on.
-    let status = tokio::task::spawn_blocking(move || {
-        for _ in 0..200 {
-            if let Some(status) = engine.child.try_wait().unwrap() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        None
-    })
-    .await
-    .unwrap()
-    .expect("the engine still runs 10 s after its scheduler panicked");
+    let status = exit_status(engine, Duration::from_secs(10))
+        .await
+        .expect("the engine still runs 10 s after its scheduler panicked");
     assert!(!status.success(), "exit status {status}");
 }
 
@@ -167,7 +158,7 @@ async fn panicking_tokenizer_calls_end_with_internal_and_it_serves_on() {
 #[tokio::test]
 async fn a_scheduler_panic_while_draining_still_exits_non_zero() {
     let env = [(failpoint::ENV, "engine.scheduler_draining=panic*1")];
-    let mut engine = EngineProcess::spawn_with_env(0, &test_model(), &env).unwrap();
+    let engine = EngineProcess::spawn_with_env(0, &test_model(), &env).unwrap();
     let channel = tonic::transport::Channel::from_shared(engine.url()).unwrap().connect_lazy();
     let mut client = EngineClient::new(channel);
     let req = GenerateRequest {
@@ -191,8 +182,20 @@ async fn a_scheduler_panic_while_draining_still_exits_non_zero() {
         }
     };
     assert_eq!(end.code(), Code::Internal, "{end:?}");
-    let status = tokio::task::spawn_blocking(move || {
-        for _ in 0..100 {
+    let status = exit_status(engine, Duration::from_secs(5))
+        .await
+        .expect("the engine still runs 5 s after its scheduler panicked while draining");
+    assert!(!status.success(), "exit status {status}");
+}
+
+/// The child's exit status once it has exited, or `None` if it still runs after `wait`.
+async fn exit_status(
+    mut engine: EngineProcess,
+    wait: Duration,
+) -> Option<std::process::ExitStatus> {
+    tokio::task::spawn_blocking(move || {
+        let until = std::time::Instant::now() + wait;
+        while std::time::Instant::now() < until {
             if let Some(status) = engine.child.try_wait().unwrap() {
                 return Some(status);
             }
@@ -202,6 +205,4 @@ async fn a_scheduler_panic_while_draining_still_exits_non_zero() {
     })
     .await
     .unwrap()
-    .expect("the engine still runs 5 s after its scheduler panicked while draining");
-    assert!(!status.success(), "exit status {status}");
 }

@@ -132,7 +132,7 @@ impl Tokenizer for TokenizerService {
         let permit = self.admit()?;
         // The caller's deadline (`grpc-timeout`) bounds the whole stream, as for a unary call:
         // tonic's client only bounds the wait for the response to start.
-        let deadline = grpc::grpc_timeout(&request.metadata().clone().into_headers())
+        let deadline = grpc::grpc_timeout(request.metadata().as_ref())
             .map(|t| tokio::time::Instant::now() + t);
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);

@@ -671,13 +671,7 @@ impl Gauges {
 async fn gauges(t: &Target) -> anyhow::Result<Gauges> {
     let mut client = engine::engine_client::EngineClient::new(t.engine.clone());
     let info = client.info(t.grpc(engine::InfoRequest {})).await?.into_inner();
-    let metrics = reqwest::get(format!("{}/metrics", t.gateway)).await?.text().await?;
-    let in_flight = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("llorch_in_flight_requests "))
-        .context("no llorch_in_flight_requests in the gateway's /metrics")?
-        .trim()
-        .parse()?;
+    let in_flight = llorch_e2e::gateway_in_flight(&t.gateway).await?;
     Ok(Gauges {
         gateway_in_flight: in_flight,
         engine_running: info.running,
