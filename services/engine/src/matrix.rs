@@ -22,7 +22,7 @@ use ndarray::{ArrayView2, ArrayViewMut2};
 use rayon::prelude::*;
 
 use crate::layers::gemm::{self, Gemm, Layout};
-use crate::layers::q8::{self, BlockQ8_0, QK8_0};
+use crate::layers::q8::{self, Q8Matrix, QK8_0, TILE_N};
 
 /// How the engine holds its weight matrices (`--weights`, `LLORCH_WEIGHTS`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -88,8 +88,8 @@ enum Data {
     F32(Store<f32>),
     F16(Store<half::f16>),
     Bf16(Store<half::bf16>),
-    /// `(N, K/32)` blocks, row-major: the blocks of output column `n` are contiguous.
-    Q8_0(Vec<BlockQ8_0>),
+    /// `(N, K/32)` blocks, repacked 16 columns at a time for the kernels ([`Q8Matrix`]).
+    Q8_0(Q8Matrix),
 }
 
 /// One weight matrix of a product `x: (B, K) · W → (B, N)`.
@@ -234,7 +234,7 @@ impl Matrix {
             Data::F32(s) => s.as_slice().len() * 4,
             Data::F16(s) => s.as_slice().len() * 2,
             Data::Bf16(s) => s.as_slice().len() * 2,
-            Data::Q8_0(b) => b.len() * size_of::<BlockQ8_0>(),
+            Data::Q8_0(m) => m.bytes(),
         }
     }
 
@@ -255,7 +255,7 @@ impl Matrix {
             Data::F32(s) => gemm::run(Gemm { x, w: s.as_slice(), bias, b, k, n }, layout, out),
             Data::F16(s) => gemm::run(Gemm { x, w: s.as_slice(), bias, b, k, n }, layout, out),
             Data::Bf16(s) => gemm::run(Gemm { x, w: s.as_slice(), bias, b, k, n }, layout, out),
-            Data::Q8_0(blocks) => q8::run(x, blocks, bias, b, k, n, out),
+            Data::Q8_0(m) => q8::run(x, m, bias, b, out),
         }
     }
 
@@ -329,14 +329,7 @@ impl Matrix {
             Data::Bf16(s) => par(s.as_slice(), out, PER_TASK, |s, o| {
                 half::slice::HalfFloatSliceExt::convert_to_f32_slice(s, o)
             }),
-            Data::Q8_0(blocks) => {
-                let per_blocks = PER_TASK / QK8_0;
-                crate::threads::pool().install(|| {
-                    out.par_chunks_mut(per_blocks * QK8_0)
-                        .zip(blocks.par_chunks(per_blocks))
-                        .for_each(|(o, b)| q8::dequantize(b, o));
-                });
-            }
+            Data::Q8_0(m) => m.widen_into(out),
         }
     }
 
@@ -364,7 +357,7 @@ impl Matrix {
             Data::Bf16(s) => {
                 s.as_slice()[i * k..(i + 1) * k].iter().zip(out).for_each(|(v, o)| *o = v.to_f32())
             }
-            Data::Q8_0(b) => q8::dequantize(&b[i * k / QK8_0..(i + 1) * k / QK8_0], out),
+            Data::Q8_0(m) => m.column_into(i, out),
         }
     }
 }
@@ -402,7 +395,7 @@ fn quantize_from_file(
     dtype: FileDtype,
     layout: Layout,
     (k, n): (usize, usize),
-) -> Vec<BlockQ8_0> {
+) -> Q8Matrix {
     let size = dtype.size();
     let widen = |bytes: &[u8]| widen_bytes(bytes, dtype);
     if layout == Layout::KN {
@@ -410,13 +403,14 @@ fn quantize_from_file(
         return q8::quantize_matrix(&values, layout, k, n);
     }
     const SLICE_BYTES: usize = 4 << 20;
-    let per = (SLICE_BYTES / (k * size)).max(1);
-    let mut blocks = Vec::with_capacity(n * k / QK8_0);
+    // Slices of whole column groups: only the last push may end in a partial one.
+    let per = (SLICE_BYTES / (k * size)).max(1).next_multiple_of(TILE_N);
+    let mut blocks = Q8Matrix::with_capacity(k, n);
     for c0 in (0..n).step_by(per) {
         let cols = per.min(n - c0);
         let (from, len) = (start + c0 * k * size, cols * k * size);
         let values = widen(&map[from..from + len]);
-        blocks.extend(q8::quantize_matrix(&values, Layout::NK, k, cols));
+        blocks.push_columns(&q8::quantize_blocks(&values, Layout::NK, k, cols));
         release(map, from, len);
     }
     blocks
