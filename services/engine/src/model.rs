@@ -164,35 +164,45 @@ impl Attention {
         Ok(())
     }
 
-    /// A decode step (one new row per sequence): each sequence's attention on the pool, in
-    /// parallel; each is computed the same way whatever else is in the batch.
+    /// A decode step (one new row per sequence): the sequences' heads split evenly over the
+    /// compute team, as one list of (sequence, head) items cut into a run per thread (a lone
+    /// stream's heads over every core, a batch's rows and heads alike). Each head is computed
+    /// the same way whatever else is in the batch or in its run.
     fn attend_decode(&self, layer: usize, seqs: &[SeqStep<'_>], sc: &mut Scratch) {
-        use rayon::prelude::*;
         let (nh, c, n) = (self.n_head, self.n_embd, seqs.len());
-        let inputs: Vec<_> = seqs
-            .iter()
-            .enumerate()
-            .map(|(i, seq)| {
-                let (k, v) = seq.cache.view(layer, seq.cache.len() + 1);
-                (sc.qkv.slice(s![i, ..c]), k, v)
-            })
-            .collect();
-        let mut rows = sc.atty.slice_mut(s![..n, ..]);
-        let mut outs: Vec<ArrayViewMut1<'_, f32>> = rows.axis_iter_mut(ndarray::Axis(0)).collect();
-        if n == 1 {
-            let mut scores = Vec::new();
-            outs.iter_mut()
-                .zip(&inputs)
-                .for_each(|(out, input)| decode_one(nh, out, input, &mut scores));
-        } else {
-            crate::threads::pool().install(|| {
-                outs.par_iter_mut()
-                    .zip(inputs.par_iter())
-                    .for_each_init(Vec::new, |scores, (out, input)| {
-                        decode_one(nh, out, input, scores)
-                    });
-            });
+        let hs = c / nh;
+        let team = crate::threads::team();
+        let per = (n * nh).div_ceil(team.size());
+        // Each row cut where a run begins: per thread, its (sequence, heads, output) segments.
+        type Segment<'o> = (usize, std::ops::Range<usize>, &'o mut [f32]);
+        let mut runs: Vec<Vec<Segment<'_>>> = (0..team.size()).map(|_| Vec::new()).collect();
+        let (atty, qkv) = (&mut sc.atty, &sc.qkv);
+        let mut rows = atty.slice_mut(s![..n, ..]);
+        for (i, row) in rows.axis_iter_mut(ndarray::Axis(0)).enumerate() {
+            let mut rest = row.into_slice().expect("rows are contiguous");
+            let mut h = 0;
+            while h < nh {
+                let run = (i * nh + h) / per;
+                let end = ((run + 1) * per - i * nh).min(nh);
+                let (segment, tail) = std::mem::take(&mut rest).split_at_mut((end - h) * hs);
+                runs[run].push((i, h..end, segment));
+                rest = tail;
+                h = end;
+            }
         }
+        let runs: Vec<std::sync::Mutex<Vec<Segment<'_>>>> =
+            runs.into_iter().map(std::sync::Mutex::new).collect();
+        team.fork(&|t| {
+            let mut run = runs[t].lock().unwrap_or_else(|e| e.into_inner());
+            let mut scores = Vec::new();
+            for (i, heads, out) in run.iter_mut() {
+                let seq = &seqs[*i];
+                let (k, v) = seq.cache.view(layer, seq.cache.len() + 1);
+                let q = qkv.slice(s![*i, ..c]);
+                let q = q.as_slice().expect("contiguous");
+                layers::attention_decode_heads(out, q, k, v, nh, heads.clone(), &mut scores);
+            }
+        });
     }
 }
 

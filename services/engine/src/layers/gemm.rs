@@ -210,22 +210,23 @@ pub fn run_with<T: Elem>(isa: Isa, g: Gemm<'_, T>, layout: Layout, out: &mut [f3
 }
 
 /// Runs `task` over column ranges covering `0..n` of `out: (B, n)`, split over the compute
-/// pool (one range per thread, aligned to 64 columns). Each call gets a range no other call
-/// gets, and the pointer to `out`, which is borrowed mutably until every task has finished.
+/// team ([`crate::threads::Team`]: one range per thread, aligned to 64 columns). Each call gets
+/// a range no other call gets, and the pointer to `out`, which is borrowed mutably until every
+/// task has finished.
 pub(crate) fn split_columns(n: usize, out: &mut [f32], task: impl Fn(Range<usize>, OutPtr) + Sync) {
-    let pool = crate::threads::pool();
-    let tasks = pool.current_num_threads().max(1);
+    let team = crate::threads::team();
+    let tasks = team.size();
     let per = n.div_ceil(tasks).div_ceil(CHUNK_ALIGN) * CHUNK_ALIGN;
     let ptr = OutPtr(out.as_mut_ptr());
     if tasks == 1 || n <= CHUNK_ALIGN {
         task(0..n, ptr);
         return;
     }
-    let task = &task;
-    pool.scope(|s| {
-        for start in (0..n).step_by(per) {
-            let cols = start..(start + per).min(n);
-            s.spawn(move |_| task(cols, ptr));
+    team.fork(&|i| {
+        let start = (i * per).min(n);
+        let cols = start..(start + per).min(n);
+        if !cols.is_empty() {
+            task(cols, ptr);
         }
     });
 }

@@ -274,6 +274,21 @@ pub fn attention_decode(
     n_head: usize,
     scores: &mut Vec<f32>,
 ) {
+    attention_decode_heads(out, q, k, v, n_head, 0..n_head, scores);
+}
+
+/// [`attention_decode`] for heads `heads` only: `out` is their `heads.len()·HS` outputs. Each
+/// head's arithmetic is the same whichever heads are computed together, so a row split by
+/// heads over threads gets the bits of the row computed whole.
+pub fn attention_decode_heads(
+    out: &mut [f32],
+    q: &[f32],
+    k: ArrayView2<'_, f32>,
+    v: ArrayView2<'_, f32>,
+    n_head: usize,
+    heads: std::ops::Range<usize>,
+    scores: &mut Vec<f32>,
+) {
     let (p_len, c) = k.dim();
     let hs = c / n_head;
     let scale = 1.0 / (hs as f32).sqrt();
@@ -281,22 +296,24 @@ pub fn attention_decode(
         k.as_slice().expect("cache rows are contiguous"),
         v.as_slice().expect("cache rows are contiguous"),
     );
+    let (h0, nh) = (heads.start, heads.len());
+    assert_eq!(out.len(), nh * hs, "out holds the heads' outputs");
     scores.clear();
-    scores.resize(n_head * p_len, 0.0);
+    scores.resize(nh * p_len, 0.0);
     for (j, krow) in ks.chunks_exact(c).enumerate() {
-        for h in 0..n_head {
-            scores[h * p_len + j] =
-                dot(&q[h * hs..(h + 1) * hs], &krow[h * hs..(h + 1) * hs]) * scale;
+        for h in 0..nh {
+            let at = (h0 + h) * hs..(h0 + h + 1) * hs;
+            scores[h * p_len + j] = dot(&q[at.clone()], &krow[at]) * scale;
         }
     }
-    for h in 0..n_head {
+    for h in 0..nh {
         softmax(&mut scores[h * p_len..(h + 1) * p_len]);
     }
     out.fill(0.0);
     for (j, vrow) in vs.chunks_exact(c).enumerate() {
-        for h in 0..n_head {
+        for h in 0..nh {
             let w = scores[h * p_len + j];
-            let (o, vr) = (&mut out[h * hs..(h + 1) * hs], &vrow[h * hs..(h + 1) * hs]);
+            let (o, vr) = (&mut out[h * hs..(h + 1) * hs], &vrow[(h0 + h) * hs..(h0 + h + 1) * hs]);
             for (o, &x) in o.iter_mut().zip(vr) {
                 *o += w * x;
             }

@@ -188,6 +188,14 @@ fn decode_attention_matches_the_loop_version() {
             &mut scores,
         );
         let (want, _) = naive::attention(qkv.slice(s![.., ..c]), k.view(), v.view(), nh);
+        // Split by heads (as a lone sequence's attention runs over threads): the same bits.
+        let q = qkv.slice(s![0, ..c]);
+        let q = q.as_slice().unwrap();
+        let hs = c / nh;
+        let mut split = vec![0.0; c];
+        attention_decode_heads(&mut split[..hs], q, k.view(), v.view(), nh, 0..1, &mut scores);
+        attention_decode_heads(&mut split[hs..], q, k.view(), v.view(), nh, 1..3, &mut scores);
+        assert_eq!(split, out, "split by heads, {p} positions");
         let got = Array2::from_shape_vec((1, c), out).unwrap();
         assert_close(&got, &want, 1e-5);
     }
