@@ -400,7 +400,7 @@ impl Gpt2 {
     }
 
     /// The decode kernels this model runs on this CPU: the kernel set of its weight type
-    /// (`avx2` or `portable`; for Q8_0 `avx512-vnni`, `avx2` or `portable`).
+    /// (`avx512`, `avx2` or `portable`; for Q8_0 `avx512-vnni`, `avx2` or `portable`).
     pub fn kernel_set(&self) -> &'static str {
         let isa = layers::gemm::Isa::detect();
         if self.dtype() == "Q8_0" {

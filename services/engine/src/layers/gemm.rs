@@ -25,10 +25,10 @@
 
 use std::ops::Range;
 
-/// Which F32/F16/BF16 kernels a kernel set runs: `"avx2"` (also for [`Isa::Avx512`]) or
-/// `"portable"`.
+/// Which F32/F16/BF16 kernels a kernel set runs: `"avx512"` (several rows; one row by the AVX2
+/// kernel), `"avx2"` or `"portable"`.
 pub fn kernel_name(isa: Isa) -> &'static str {
-    if isa >= Isa::Avx2 { Isa::Avx2.as_str() } else { Isa::Portable.as_str() }
+    isa.as_str()
 }
 
 /// Rows up to which the engine uses these kernels instead of `sgemm`.
@@ -105,7 +105,8 @@ pub enum Isa {
     Portable,
     /// AVX2 + FMA + F16C, 8 lanes.
     Avx2,
-    /// AVX-512F: VNNI for Q8_0 where the CPU has it; the F32/F16/BF16 kernels are AVX2's.
+    /// AVX-512F: products of several rows two rows per register (one row stays on the AVX2
+    /// kernel, which reads memory as fast), and VNNI for Q8_0 where the CPU has it.
     Avx512,
 }
 
@@ -248,8 +249,10 @@ unsafe fn columns<T: Elem>(
     // SAFETY: the CPU supports `isa` (this function's contract); the lengths, `cols` and the
     // output are this function's own contract, which is the kernels' contract too.
     unsafe {
-        if matches!((isa, layout), (Isa::Avx2 | Isa::Avx512, Layout::NK)) {
-            return avx2::nk(g, cols, out.0);
+        match (isa, layout) {
+            (Isa::Avx512, Layout::NK) if g.b >= 2 => return avx512::nk(g, cols, out.0),
+            (Isa::Avx2 | Isa::Avx512, Layout::NK) => return avx2::nk(g, cols, out.0),
+            _ => {}
         }
     }
     for col in cols {
@@ -418,6 +421,146 @@ mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    //! AVX-512F tiles for two rows or more: the rows in pairs, a pair's eight values at `k`
+    //! side by side in one 512-bit register (`[x_r[k..k+8], x_{r+1}[k..k+8]]`) and each weight
+    //! row's eight values broadcast to both halves, so one `fma` advances the eight canonical
+    //! lanes of two outputs. Every element is computed with the arithmetic of `dot_nk`.
+
+    use std::arch::x86_64::*;
+    use std::cell::RefCell;
+    use std::ops::Range;
+
+    use super::{Elem, Gemm, dot_nk, hsum8};
+
+    /// Output columns per tile.
+    const VV: usize = 4;
+    /// Row pairs per tile, at most.
+    const RP: usize = 4;
+
+    thread_local! {
+        /// The rows interleaved by pairs, reused between calls.
+        static PAIRS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// `w: (N, K)`, `B ≥ 2`.
+    ///
+    /// # Safety
+    /// The CPU supports AVX-512F, AVX2, FMA and F16C, and the contract of
+    /// [`super::columns`] holds: `g`'s slices have the lengths `run` asserts, `cols` lies
+    /// within `0..N`, and `out` is a `(B, N)` row-major buffer whose columns `cols` no other
+    /// thread touches during the call.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub(super) unsafe fn nk<T: Elem>(g: Gemm<'_, T>, cols: Range<usize>, out: *mut f32) {
+        let main = g.k - g.k % 8;
+        let pairs = g.b.div_ceil(2);
+        PAIRS.with_borrow_mut(|xi| {
+            // pairs[p][c/8] = [x[2p][c..c+8], x[2p+1][c..c+8]]; an odd last row is paired with
+            // itself (its second half is computed and dropped).
+            xi.clear();
+            xi.reserve(pairs * main * 2);
+            for p in 0..pairs {
+                let (r0, r1) = (2 * p, (2 * p + 1).min(g.b - 1));
+                for c in (0..main).step_by(8) {
+                    xi.extend_from_slice(&g.x[r0 * g.k + c..r0 * g.k + c + 8]);
+                    xi.extend_from_slice(&g.x[r1 * g.k + c..r1 * g.k + c + 8]);
+                }
+            }
+            let mut col = cols.start;
+            // SAFETY: this function's contract; each tile gets `col + VV ≤ cols.end` and pairs
+            // below `pairs`, as `tile` needs; the tail indexes rows below B and columns in
+            // `cols`.
+            unsafe {
+                while col + VV <= cols.end {
+                    let mut p0 = 0;
+                    while p0 < pairs {
+                        match pairs - p0 {
+                            1 => tile::<T, 1>(g, xi, p0, col, out),
+                            2 => tile::<T, 2>(g, xi, p0, col, out),
+                            3 => tile::<T, 3>(g, xi, p0, col, out),
+                            _ => tile::<T, RP>(g, xi, p0, col, out),
+                        }
+                        p0 += RP;
+                    }
+                    col += VV;
+                }
+                for c in col..cols.end {
+                    for row in 0..g.b {
+                        *out.add(row * g.n + c) = dot_nk(g, row, c);
+                    }
+                }
+            }
+        });
+    }
+
+    /// Pairs `p0..p0+PP` (rows `2·p0..`, those below B) × columns `col..col+VV`.
+    ///
+    /// # Safety
+    /// [`nk`]'s contract, with `xi` the interleaved pairs, `p0 + PP ≤` their count and
+    /// `col + VV` inside the caller's `cols`.
+    #[inline(always)]
+    unsafe fn tile<T: Elem, const PP: usize>(
+        g: Gemm<'_, T>,
+        xi: &[f32],
+        p0: usize,
+        col: usize,
+        out: *mut f32,
+    ) {
+        // SAFETY: this function's contract: rows `col..col+VV` of w (K values each, read below
+        // `main` then to K), pairs `p0..p0+PP` of `xi` (`main·2` floats each) and the output
+        // elements of rows below B exist; prefetches never fault.
+        unsafe {
+            let main = g.k - g.k % 8;
+            let mut acc = [[_mm512_setzero_ps(); VV]; PP];
+            let w = g.w.as_ptr().add(col * g.k);
+            let x = xi.as_ptr().add(p0 * main * 2);
+            let line = 64 / size_of::<T>();
+            let mut c = 0;
+            while c < main {
+                if p0 == 0 && c % line == 0 {
+                    for v in 0..VV {
+                        _mm_prefetch::<_MM_HINT_T1>(w.wrapping_add((VV + v) * g.k + c).cast());
+                    }
+                }
+                let mut wv = [_mm512_setzero_ps(); VV];
+                for (v, slot) in wv.iter_mut().enumerate() {
+                    let z = _mm512_castps256_ps512(T::load8(w.add(v * g.k + c)));
+                    *slot = _mm512_shuffle_f32x4::<0b01_00_01_00>(z, z);
+                }
+                for (p, acc_p) in acc.iter_mut().enumerate() {
+                    let xv = _mm512_loadu_ps(x.add((p * main + c) * 2));
+                    for v in 0..VV {
+                        acc_p[v] = _mm512_fmadd_ps(xv, wv[v], acc_p[v]);
+                    }
+                }
+                c += 8;
+            }
+            for (p, acc_p) in acc.iter().enumerate() {
+                for half in 0..2 {
+                    let row = 2 * (p0 + p) + half;
+                    if row >= g.b {
+                        continue;
+                    }
+                    for (v, &a) in acc_p.iter().enumerate() {
+                        let mut both = [0.0f32; 16];
+                        _mm512_storeu_ps(both.as_mut_ptr(), a);
+                        let mut lanes = [0.0f32; 8];
+                        lanes.copy_from_slice(&both[8 * half..8 * half + 8]);
+                        let mut s = hsum8(lanes);
+                        let (xr, wr) = (g.x.as_ptr().add(row * g.k), w.add(v * g.k));
+                        for t in main..g.k {
+                            s = (*xr.add(t)).mul_add((*wr.add(t)).to_f32(), s);
+                        }
+                        let cidx = col + v;
+                        *out.add(row * g.n + cidx) = s + g.bias.map_or(0.0, |bias| bias[cidx]);
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -447,6 +590,43 @@ pub(crate) mod tests {
         let mut out = vec![0.0; b * n];
         run(Gemm { x, w, bias, b, k, n }, layout, &mut out);
         out
+    }
+
+    /// Every kernel set of this CPU, F32 and F16 weights, against the canonical order.
+    #[test]
+    fn every_kernel_set_gives_the_canonical_bits_for_f32_and_f16() {
+        let shapes =
+            [(1, 40, 203), (2, 64, 130), (3, 19, 77), (5, 24, 16), (9, 101, 9), (32, 96, 300)];
+        for (b, k, n) in shapes {
+            let (x, w, bias) = (filled(b * k, 1), filled(k * n, 2), filled(n, 3));
+            let w16: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
+            for &isa in Isa::available() {
+                for bias in [Some(&bias[..]), None] {
+                    let g = Gemm { x: &x, w: &w[..], bias, b, k, n };
+                    let mut out = vec![0.0; b * n];
+                    run_with(isa, g, Layout::NK, &mut out);
+                    let g16 = Gemm { x: &x, w: &w16[..], bias, b, k, n };
+                    let mut out16 = vec![0.0; b * n];
+                    run_with(isa, g16, Layout::NK, &mut out16);
+                    for row in 0..b {
+                        for col in 0..n {
+                            let at = row * n + col;
+                            let (want, want16) = (dot_nk(g, row, col), dot_nk(g16, row, col));
+                            assert_eq!(
+                                out[at].to_bits(),
+                                want.to_bits(),
+                                "{isa:?} F32 {b}x{k}x{n} ({row},{col})"
+                            );
+                            assert_eq!(
+                                out16[at].to_bits(),
+                                want16.to_bits(),
+                                "{isa:?} F16 {b}x{k}x{n} ({row},{col})"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Against f64 loops, and bitwise against the one-element reference of each layout.
