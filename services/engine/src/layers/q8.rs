@@ -5,23 +5,26 @@
 //! llama.cpp, each row of activations is quantized the same way for the product (its scales
 //! kept in F32 here, not rounded to F16), so each block's dot product is an exact integer sum.
 //!
-//! The canonical order, which every kernel gives bit for bit: for output `(row, col)`, eight
-//! F32 lanes; for each block in order, lane `l` gets `fma(s_l, dw·dx, lane_l)`, where `s_l` is
-//! the integer sum of the four products `4l..4l+4` of the block and `dw·dx` the F32 product of
-//! the two scales; then the lanes are reduced by `hsum8` and the bias added. A row therefore
-//! gets the same bits alone or in any batch, on any thread count and with any kernel set.
+//! The canonical order, which every kernel gives bit for bit: for output `(row, col)`, one F32
+//! accumulator; for each block in order, `acc = fma(s, dw·dx, acc)`, where `s` is the block's
+//! exact integer sum of its 32 products and `dw·dx` the F32 product of the two scales; then the
+//! bias is added. (As llama.cpp's `vec_dot_q8_0_q8_0`: one float multiply-add per block.) An
+//! integer sum has no order, so kernels may add a block's products in any grouping; a row
+//! therefore gets the same bits alone or in any batch, on any thread count and with any kernel
+//! set.
 //!
 //! The blocks are held repacked 16 output columns at a time ([`Q8Matrix`], [`Tile`]): for
 //! each block position, the 16 columns' weights `4l..4l+4` side by side in cache line `l`. So
-//! one 512-bit `dpbusd` gives lane `l`'s integer sums for 16 columns at once, and the kernels
-//! keep the canonical order with one accumulator per lane, each holding 16 columns, instead of
-//! reducing each column's block horizontally. Measured on gpt2-small (docs/PERFORMANCE.md):
-//! the GGUF block layout with four columns per tile ran at 120 tok/s, this one at 133 (and at
-//! 212 once the products stopped waking sleeping threads, see [`crate::threads`]).
+//! one 512-bit `dpbusd` adds four products to each of 16 columns' block sums at once, eight of
+//! them make the block, and one `fma` per block and row applies the scales to 16 columns.
+//! Measured on gpt2-small (docs/PERFORMANCE.md): the GGUF block layout with four columns per
+//! tile and eight lanes per output ran at 120 tok/s, the tiles with eight lanes at 133 (212 once
+//! the products stopped waking sleeping threads, see [`crate::threads`]); one sum per block
+//! halves the work per row, which is what batches of rows are bound by.
 
 use std::ops::Range;
 
-use super::gemm::{Isa, Layout, OutPtr, hsum8, split_columns};
+use super::gemm::{Isa, Layout, OutPtr, split_columns};
 
 /// Weights per block.
 pub const QK8_0: usize = 32;
@@ -231,8 +234,8 @@ pub fn quantize_blocks(values: &[f32], layout: Layout, k: usize, n: usize) -> Ve
 }
 
 /// Rows of activations quantized for a product: `qs: (B, K)`, `d: (B, K/32)` in F32, and for
-/// each group of four values `-128 ×` their sum (`neg_sums: (B, K/4)`), which the VNNI kernel
-/// adds to undo its unsigned view of the weights.
+/// each block `-128 ×` the sum of its values (`neg_sums: (B, K/32)`), which the VNNI kernel
+/// starts from to undo its unsigned view of the weights.
 #[derive(Debug, Default)]
 pub struct QuantRows {
     qs: Vec<i8>,
@@ -252,8 +255,8 @@ impl QuantRows {
         }
         rows.neg_sums = rows
             .qs
-            .chunks_exact(4)
-            .map(|g| -128 * g.iter().map(|&q| i32::from(q)).sum::<i32>())
+            .chunks_exact(QK8_0)
+            .map(|b| -128 * b.iter().map(|&q| i32::from(q)).sum::<i32>())
             .collect();
         rows
     }
@@ -326,18 +329,15 @@ impl Product<'_> {
     /// One element in the canonical order.
     fn dot(&self, row: usize, col: usize) -> f32 {
         let (k, nb) = (self.w.k, self.w.k / QK8_0);
-        let mut lanes = [0.0f32; 8];
+        let mut acc = 0.0f32;
         for blk in 0..nb {
             let wb = self.w.block(col, blk);
             let xq = &self.x.qs[row * k + blk * QK8_0..][..QK8_0];
             let d = wb.d.to_f32() * self.x.d[row * nb + blk];
-            for (l, lane) in lanes.iter_mut().enumerate() {
-                let s: i32 =
-                    (4 * l..4 * l + 4).map(|j| i32::from(xq[j]) * i32::from(wb.qs[j])).sum();
-                *lane = (s as f32).mul_add(d, *lane);
-            }
+            let s: i32 = xq.iter().zip(&wb.qs).map(|(&x, &w)| i32::from(x) * i32::from(w)).sum();
+            acc = (s as f32).mul_add(d, acc);
         }
-        hsum8(lanes) + self.bias.map_or(0.0, |b| b[col])
+        acc + self.bias.map_or(0.0, |b| b[col])
     }
 }
 
@@ -358,12 +358,14 @@ unsafe fn columns(isa: Isa, q: &Product<'_>, cols: Range<usize>, out: OutPtr) {
         while isa != Isa::Portable && col + TILE_N <= groups_end {
             let mut row = 0;
             if isa == Isa::Avx512 {
-                while row + 2 <= q.b {
-                    x86::vnni::<2>(q, col / TILE_N, row, out.0);
-                    row += 2;
-                }
-                if row < q.b {
-                    x86::vnni::<1>(q, col / TILE_N, row, out.0);
+                while row < q.b {
+                    let g = col / TILE_N;
+                    row += match q.b - row {
+                        1 => x86::vnni::<1>(q, g, row, out.0),
+                        2 | 3 => x86::vnni::<2>(q, g, row, out.0),
+                        4..=7 => x86::vnni::<4>(q, g, row, out.0),
+                        _ => x86::vnni::<8>(q, g, row, out.0),
+                    };
                 }
             } else {
                 for row in 0..q.b {
@@ -383,12 +385,10 @@ unsafe fn columns(isa: Isa, q: &Product<'_>, cols: Range<usize>, out: OutPtr) {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    //! One group of 16 output columns at a time ([`super::Tile`]): eight accumulators, one per
-    //! lane `l` of the canonical order, each holding that lane for the 16 (or 8) columns; per
-    //! block, line `l` of the tile against the row's four activation bytes `4l..4l+4`
-    //! broadcast gives every column's exact integer sum `s_l`, then `fma(s_l, dw·dx, lane_l)`;
-    //! at the end `hsum8` across the accumulators, column by column in parallel. So each
-    //! output gets the canonical order's arithmetic exactly.
+    //! One group of 16 output columns at a time ([`super::Tile`]), each vector lane one
+    //! column: per block, the eight lines of the tile against the row's activation bytes
+    //! `4l..4l+4` broadcast add up every column's exact block sum `s`, then
+    //! `acc = fma(s, dw·dx, acc)`: the canonical order's arithmetic for 16 (or 8) outputs.
 
     use std::arch::x86_64::*;
 
@@ -397,9 +397,10 @@ mod x86 {
     /// Tiles ahead (of 512 bytes) that the weights are prefetched.
     const PREFETCH_TILES: usize = 4;
 
-    /// Rows `row..row + R` of group `g` (columns `16g..16g+16`), 512-bit VNNI. `dpbusd` takes
-    /// unsigned bytes: the weights are read as `w + 128` (`w ^ 0x80`), and each sum starts at
-    /// `-128 ×` the sum of its four activations, so `s_l` is exact.
+    /// Rows `row..row + R` of group `g` (columns `16g..16g+16`), 512-bit VNNI; returns `R`.
+    /// `dpbusd` takes unsigned bytes: the weights are read as `w + 128` (`w ^ 0x80`), and each
+    /// block sum starts at `-128 ×` the sum of the block's activations, so `s` is exact. The
+    /// tile's eight lines stay in registers for all `R` rows.
     ///
     /// # Safety
     /// AVX512-F/BW/VNNI, AVX2, FMA and F16C; `16g + 16 ≤` the grouped columns, `row + R ≤ B`,
@@ -411,95 +412,86 @@ mod x86 {
         g: usize,
         row: usize,
         out: *mut f32,
-    ) {
-        let (k, nb) = (q.w.k, q.w.k / QK8_0);
+    ) -> usize {
+        let nb = q.w.k / QK8_0;
         // SAFETY: the contract above: tiles `g·nb..g·nb + nb` and their scales exist, as do
         // rows `row..row + R` of the quantized activations; prefetches never fault.
         unsafe {
             let tiles = q.w.tiles.as_ptr().add(g * nb);
             let scales = q.w.scales.as_ptr().add(g * nb * TILE_N);
             let flip = _mm512_set1_epi8(-128);
-            let mut acc = [[_mm512_setzero_ps(); 8]; R];
+            let xq = q.x.qs.as_ptr().cast::<i32>();
+            let mut acc = [_mm512_setzero_ps(); R];
             for blk in 0..nb {
                 let tile = &*tiles.add(blk);
                 let ahead = tiles.wrapping_add(blk + PREFETCH_TILES).cast::<u8>();
-                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(blk * TILE_N).cast()));
-                let mut dsc = [_mm512_setzero_ps(); R];
-                for (r, d) in dsc.iter_mut().enumerate() {
-                    *d = _mm512_mul_ps(
-                        dw,
-                        _mm512_set1_ps(*q.x.d.get_unchecked((row + r) * nb + blk)),
-                    );
-                }
-                for (l, line) in tile.qs.iter().enumerate() {
+                let mut w = [_mm512_setzero_si512(); QK8_0 / 4];
+                for (l, (w, line)) in w.iter_mut().zip(&tile.qs).enumerate() {
                     _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l).cast());
-                    let w = _mm512_xor_si512(_mm512_load_si512(line.as_ptr().cast()), flip);
-                    for (r, acc) in acc.iter_mut().enumerate() {
-                        let at = (row + r) * k / 4 + blk * (QK8_0 / 4) + l;
-                        let x4 = q.x.qs.as_ptr().cast::<i32>().add(at).read_unaligned();
-                        let start = _mm512_set1_epi32(*q.x.neg_sums.get_unchecked(at));
-                        let s = _mm512_dpbusd_epi32(start, w, _mm512_set1_epi32(x4));
-                        acc[l] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), dsc[r], acc[l]);
+                    *w = _mm512_xor_si512(_mm512_load_si512(line.as_ptr().cast()), flip);
+                }
+                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(blk * TILE_N).cast()));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let at = (row + r) * nb + blk;
+                    let x4 = |l: usize| _mm512_set1_epi32(xq.add(at * 8 + l).read_unaligned());
+                    // Two chains (even and odd lines) for latency; integer sums are exact.
+                    let mut s0 = _mm512_set1_epi32(*q.x.neg_sums.get_unchecked(at));
+                    let mut s1 = _mm512_setzero_si512();
+                    for l in (0..QK8_0 / 4).step_by(2) {
+                        s0 = _mm512_dpbusd_epi32(s0, w[l], x4(l));
+                        s1 = _mm512_dpbusd_epi32(s1, w[l + 1], x4(l + 1));
                     }
+                    let s = _mm512_add_epi32(s0, s1);
+                    let d = _mm512_mul_ps(dw, _mm512_set1_ps(*q.x.d.get_unchecked(at)));
+                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), d, *acc);
                 }
             }
             let col = g * TILE_N;
             let bias = q.bias.map_or(_mm512_setzero_ps(), |b| _mm512_loadu_ps(b.as_ptr().add(col)));
             for (r, a) in acc.iter().enumerate() {
-                let h0 = _mm512_add_ps(_mm512_add_ps(a[0], a[4]), _mm512_add_ps(a[2], a[6]));
-                let h1 = _mm512_add_ps(_mm512_add_ps(a[1], a[5]), _mm512_add_ps(a[3], a[7]));
-                let v = _mm512_add_ps(_mm512_add_ps(h0, h1), bias);
-                _mm512_storeu_ps(out.add((row + r) * q.w.n + col), v);
+                _mm512_storeu_ps(out.add((row + r) * q.w.n + col), _mm512_add_ps(*a, bias));
             }
         }
+        R
     }
 
     /// Row `row` of group `g`, AVX2, eight columns at a time: `maddubs(|x|, sign(w, x))` then
-    /// `madd` by ones gives `s_l` exactly (no saturation: |pair sums| ≤ 2·127·127).
+    /// `madd` by ones gives four products' exact sums (no saturation: |pair sums| ≤ 2·127·127),
+    /// added up over the block's eight lines.
     ///
     /// # Safety
     /// AVX2, FMA and F16C; otherwise as [`vnni`] with `R = 1`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn avx2(q: &Product<'_>, g: usize, row: usize, out: *mut f32) {
-        let (k, nb) = (q.w.k, q.w.k / QK8_0);
+        let nb = q.w.k / QK8_0;
         // SAFETY: as in `vnni`.
         unsafe {
             let tiles = q.w.tiles.as_ptr().add(g * nb);
             let scales = q.w.scales.as_ptr().add(g * nb * TILE_N);
             let ones = _mm256_set1_epi16(1);
+            let xq = q.x.qs.as_ptr().cast::<i32>();
             for half in 0..2 {
-                let mut acc = [_mm256_setzero_ps(); 8];
+                let mut acc = _mm256_setzero_ps();
                 for blk in 0..nb {
                     let tile = &*tiles.add(blk);
+                    let at = row * nb + blk;
+                    let mut s = _mm256_setzero_si256();
+                    for (l, line) in tile.qs.iter().enumerate() {
+                        let xb = _mm256_set1_epi32(xq.add(at * 8 + l).read_unaligned());
+                        let w = _mm256_load_si256(line.as_ptr().add(32 * half).cast());
+                        let p = _mm256_maddubs_epi16(_mm256_abs_epi8(xb), _mm256_sign_epi8(w, xb));
+                        s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
+                    }
                     let dw = _mm256_cvtph_ps(_mm_loadu_si128(
                         scales.add(blk * TILE_N + 8 * half).cast(),
                     ));
-                    let dsc =
-                        _mm256_mul_ps(dw, _mm256_set1_ps(*q.x.d.get_unchecked(row * nb + blk)));
-                    for (l, a) in acc.iter_mut().enumerate() {
-                        let at = row * k / 4 + blk * (QK8_0 / 4) + l;
-                        let xb = _mm256_set1_epi32(
-                            q.x.qs.as_ptr().cast::<i32>().add(at).read_unaligned(),
-                        );
-                        let w = _mm256_load_si256(tile.qs[l].as_ptr().add(32 * half).cast());
-                        let s = _mm256_madd_epi16(
-                            _mm256_maddubs_epi16(_mm256_abs_epi8(xb), _mm256_sign_epi8(w, xb)),
-                            ones,
-                        );
-                        *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), dsc, *a);
-                    }
+                    let d = _mm256_mul_ps(dw, _mm256_set1_ps(*q.x.d.get_unchecked(at)));
+                    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, acc);
                 }
                 let col = g * TILE_N + 8 * half;
                 let bias =
                     q.bias.map_or(_mm256_setzero_ps(), |b| _mm256_loadu_ps(b.as_ptr().add(col)));
-                let h0 =
-                    _mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6]));
-                let h1 =
-                    _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7]));
-                _mm256_storeu_ps(
-                    out.add(row * q.w.n + col),
-                    _mm256_add_ps(_mm256_add_ps(h0, h1), bias),
-                );
+                _mm256_storeu_ps(out.add(row * q.w.n + col), _mm256_add_ps(acc, bias));
             }
         }
     }
