@@ -219,6 +219,32 @@ async fn a_zero_grpc_timeout_is_refused_and_the_services_serve_on() {
     stack.stop().await.unwrap();
 }
 
+/// Found by the soak: a client still writing a body over `--max-body-bytes` when its `413`
+/// came lost the answer to a broken pipe, since closing a socket with unread data resets the
+/// connection. The gateway now reads and drops what the client still sends for up to a second
+/// after its answer (a lingering close), so the whole body is written and the `413` read.
+#[tokio::test]
+async fn a_client_still_sending_an_oversized_body_gets_its_413() {
+    let stack = stack().await;
+    for _ in 0..3 {
+        let mut conn = TcpStream::connect(stack.gateway.addr).await.unwrap();
+        let body = format!("{{\"job_id\":\"j\",\"prompt\":\"{}\"}}", "x".repeat(8 << 20));
+        let head = format!(
+            "POST /execute HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\n\r\n",
+            body.len()
+        );
+        conn.write_all(head.as_bytes()).await.unwrap();
+        let written = conn.write_all(body.as_bytes()).await;
+        assert!(written.is_ok(), "the body could not be written: {written:?}");
+        let answer = read_to_close(&mut conn).await;
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        assert!(answer.to_lowercase().contains("\r\nconnection: close\r\n"), "{answer}");
+    }
+    assert_serving(&stack).await;
+    stack.stop().await.unwrap();
+}
+
 /// Found by the soak: a request answered before its body was read to the end (a `413` over
 /// `--max-body-bytes`; here a `400` when the body stops coming) leaves the rest of the body on
 /// the connection, so the gateway closes it after the answer; without `connection: close` on
