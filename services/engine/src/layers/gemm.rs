@@ -293,11 +293,20 @@ fn dot_nk<T: Elem>(g: Gemm<'_, T>, row: usize, col: usize) -> f32 {
             lanes[l] = x[c + l].mul_add(w[c + l].to_f32(), lanes[l]);
         }
     }
-    let mut acc = hsum8(lanes);
-    for c in main..g.k {
-        acc = x[c].mul_add(w[c].to_f32(), acc);
+    finish(g, lanes, row, col)
+}
+
+/// Output `(row, col)` from its eight lane sums over `k < K - K mod 8`: the fixed reduction,
+/// then the `K mod 8` tail in order, then the bias — the end of `dot_nk`, shared by the tiles.
+#[inline(always)]
+fn finish<T: Elem>(g: Gemm<'_, T>, lanes: [f32; 8], row: usize, col: usize) -> f32 {
+    let main = g.k - g.k % 8;
+    let (x, w) = (&g.x[row * g.k..(row + 1) * g.k], &g.w[col * g.k..(col + 1) * g.k]);
+    let mut s = hsum8(lanes);
+    for t in main..g.k {
+        s = x[t].mul_add(w[t].to_f32(), s);
     }
-    acc + g.bias.map_or(0.0, |b| b[col])
+    s + g.bias.map_or(0.0, |b| b[col])
 }
 
 /// The fixed reduction tree of eight lanes.
@@ -315,7 +324,7 @@ mod avx2 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{Elem, Gemm, dot_nk, hsum8};
+    use super::{Elem, Gemm, dot_nk, finish};
 
     /// `w: (N, K)`: tiles of `BB` rows × `VV` output columns (rows of w), `k` innermost in
     /// steps of 8.
@@ -408,13 +417,7 @@ mod avx2 {
                 for (v, &a) in acc_b.iter().enumerate() {
                     let mut lanes = [0.0f32; 8];
                     _mm256_storeu_ps(lanes.as_mut_ptr(), a);
-                    let mut s = hsum8(lanes);
-                    let (xr, wr) = (x.add(b * g.k), w.add(v * g.k));
-                    for t in main..g.k {
-                        s = (*xr.add(t)).mul_add((*wr.add(t)).to_f32(), s);
-                    }
-                    let cidx = col + v;
-                    *out.add((row + b) * g.n + cidx) = s + g.bias.map_or(0.0, |bias| bias[cidx]);
+                    *out.add((row + b) * g.n + col + v) = finish(g, lanes, row + b, col + v);
                 }
             }
         }
@@ -432,7 +435,7 @@ mod avx512 {
     use std::cell::RefCell;
     use std::ops::Range;
 
-    use super::{Elem, Gemm, dot_nk, hsum8};
+    use super::{Elem, Gemm, dot_nk, finish};
 
     /// Output columns per tile.
     const VV: usize = 4;
@@ -547,13 +550,7 @@ mod avx512 {
                         _mm512_storeu_ps(both.as_mut_ptr(), a);
                         let mut lanes = [0.0f32; 8];
                         lanes.copy_from_slice(&both[8 * half..8 * half + 8]);
-                        let mut s = hsum8(lanes);
-                        let (xr, wr) = (g.x.as_ptr().add(row * g.k), w.add(v * g.k));
-                        for t in main..g.k {
-                            s = (*xr.add(t)).mul_add((*wr.add(t)).to_f32(), s);
-                        }
-                        let cidx = col + v;
-                        *out.add(row * g.n + cidx) = s + g.bias.map_or(0.0, |bias| bias[cidx]);
+                        *out.add(row * g.n + col + v) = finish(g, lanes, row, col + v);
                     }
                 }
             }
